@@ -1,0 +1,619 @@
+"""The small shared kit of the numbered scripts: devices and seeds, the command line,
+time embeddings, a configurable U-Net, EMA, checkpoints, plotting, 2-D distances and
+the distributed (torchrun) setup. Nothing here is specific to one method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -- errors a user can cause ---------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file); shown as one line, no traceback."""
+
+
+def cli_entry(main: Callable[[list[str] | None], dict]) -> None:
+    """Run a script's `main` from the shell: a UserError becomes one message and exit code 2."""
+    try:
+        main(None)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise UserError(f"the loss became {loss.item()} at step {step}; try a lower --lr")
+
+
+# -- devices, seeds, presets, the shared flags --------------------------------
+
+
+def get_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and ints, so a checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def base_parser(description: str, script: str, image: bool = False) -> argparse.ArgumentParser:
+    """The flags every script shares; each script adds its own after these."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["smoke", "cpu", "gpu"],
+        default=None,
+        help="smoke: seconds, for tests; cpu: a convincing result on a laptop CPU in minutes; "
+        "gpu: the paper's recipe as far as one GPU allows (default: gpu if CUDA or MPS "
+        "is present, else cpu)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs") / script, help=f"output folder (default: runs/{script})"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    parser.add_argument(
+        "--sample-only", action="store_true", help="load OUT/ckpt.pt, only sample, evaluate and plot"
+    )
+    if image:
+        parser.add_argument(
+            "--data-dir", type=Path, default=Path("data"), help="where datasets are read or downloaded (default: ./data)"
+        )
+    return parser
+
+
+def resolve_preset(preset: str | None, device: torch.device, quiet: bool = False) -> str:
+    """An explicit --preset wins; otherwise gpu on CUDA/MPS and cpu elsewhere, announced once."""
+    if preset is not None:
+        return preset
+    chosen = "gpu" if device.type in ("cuda", "mps") else "cpu"
+    if not quiet:
+        print(f"--preset not given: using '{chosen}' for device {device}")
+    return chosen
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU (fast on AMX) and CUDA; a no-op when disabled or on MPS."""
+    if not enabled or device.type not in ("cpu", "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def write_json(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+# -- data ------------------------------------------------------------------------
+
+
+def torchvision_dataset(name: str, root: Path, train: bool, transform) -> torch.utils.data.Dataset:
+    """MNIST / FashionMNIST / CIFAR10 from torchvision with download=True; a failed download
+    (offline machine) becomes one sentence saying where to put the files."""
+    from torchvision import datasets
+
+    classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+    cls = classes[name]
+    try:
+        return cls(str(root), train=train, download=True, transform=transform)
+    except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
+        raw = Path(root) / cls.__name__ / ("raw" if name != "cifar10" else "")
+        raise UserError(
+            f"could not load or download {cls.__name__} ({type(err).__name__}); put the dataset's "
+            f"files in {raw} (for MNIST-style data: the four IDX files, e.g. train-images-idx3-ubyte) "
+            "or pass --data-dir"
+        ) from None
+
+
+# -- time embeddings -----------------------------------------------------------------
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer position encoding of a scalar t (DDPM, Ho et al. 2020, Sec. 4)."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * self.freqs[None]
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """Random Fourier features [sin 2 pi W t, cos 2 pi W t], W ~ N(0, scale^2), fixed
+    (Tancik et al. 2020; used for continuous t by Song et al. 2021)."""
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("W", torch.randn(dim // 2) * scale)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = 2 * math.pi * t.float()[:, None] * self.W[None]
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+# -- U-Net -------------------------------------------------------------------------------
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, max(1, channels // 4)), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding added in between, dropout, skip."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int | None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout) if temb_dim else None
+        self.norm2, self.drop = group_norm(cout), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.temb is not None:
+            h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over pixels, with a residual connection."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor, temb=None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize then a 3x3 conv: no checkerboard, unlike transposed convs."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """A DDPM-style U-Net (Ho et al. 2020, Appendix B) sized by its arguments.
+
+    channels: image channels; base: width at full resolution; mults: width multipliers, one
+    resolution level each (a level halves the resolution: 28 -> 14 -> 7, 32 -> 16 -> 8);
+    attn_levels: indices of levels with self-attention; time_emb: 'sinusoidal', 'fourier' or
+    None (unconditional, e.g. NCSNv2); out_scale(out, t): an optional hook applied to the
+    output, e.g. dividing by sigma(t) to make a score network.
+    """
+
+    def __init__(
+        self,
+        channels: int = 1,
+        base: int = 32,
+        mults: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attn_levels: Sequence[int] = (2,),
+        dropout: float = 0.1,
+        time_emb: str | None = "sinusoidal",
+        fourier_scale: float = 16.0,
+        out_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.out_scale = out_scale
+        temb_dim = 4 * base if time_emb else None
+        if time_emb == "sinusoidal":
+            embed = SinusoidalEmbedding(base)
+        elif time_emb == "fourier":
+            embed = GaussianFourierEmbedding(base, fourier_scale)
+        elif time_emb is None:
+            embed = None
+        else:
+            raise ValueError(f"time_emb must be 'sinusoidal', 'fourier' or None, not {time_emb!r}")
+        self.time_mlp = (
+            nn.Sequential(embed, nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+            if embed is not None
+            else None
+        )
+        self.stem = nn.Conv2d(channels, base, 3, padding=1)
+        widths, ch = [base], base
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(mults):
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(ch, base * mult, temb_dim, dropout)]
+                ch = base * mult
+                if level in attn_levels:
+                    blocks.append(AttnBlock(ch))
+                self.down.append(nn.ModuleList(blocks))
+                widths.append(ch)
+            if level < len(mults) - 1:
+                self.down.append(Downsample(ch))
+                widths.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, temb_dim, dropout), AttnBlock(ch), ResBlock(ch, ch, temb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for _ in range(num_res_blocks + 1):
+                blocks = [ResBlock(ch + widths.pop(), base * mult, temb_dim, dropout)]
+                ch = base * mult
+                if level in attn_levels:
+                    blocks.append(AttnBlock(ch))
+                self.up.append(nn.ModuleList(blocks))
+            if level > 0:
+                self.up.append(Upsample(ch))
+        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.time_mlp(t) if self.time_mlp is not None else None
+        h = self.stem(x)
+        skips = [h]
+        for layer in self.down:
+            if isinstance(layer, Downsample):
+                h = layer(h)
+            else:
+                for block in layer:
+                    h = block(h, temb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h, skips[-1].shape[-2:])
+            else:
+                h = torch.cat([h, skips.pop()], dim=1)
+                for block in layer:
+                    h = block(h, temb)
+        out = self.head(h)
+        return self.out_scale(out, t) if self.out_scale is not None else out
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- EMA ---------------------------------------------------------------------------------
+
+
+def make_ema(model: nn.Module, decay: float, warmup: bool = True) -> torch.optim.swa_utils.AveragedModel:
+    """EMA of the weights (and buffers) via torch.optim.swa_utils.AveragedModel.
+
+    With warmup, the decay at update n is min(decay, (1 + n) / (10 + n)), so that short runs
+    are not dominated by the random initialisation (as TensorFlow's ExponentialMovingAverage).
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if not warmup:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @torch.no_grad()
+    def ema_update(ema_params, params, num_averaged):
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then an atomic rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; train first (without --sample-only), or pass --out")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read the checkpoint {path} (truncated or corrupt: {type(err).__name__}); "
+                        "delete it and train again") from None
+
+
+# -- plotting --------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_image_grid(x: torch.Tensor, path: Path, nrow: int = 10, value_range=(-1.0, 1.0)) -> None:
+    """A grid of images (N, C, H, W) in value_range, written as PNG."""
+    from torchvision.utils import save_image
+
+    lo, hi = value_range
+    save_image(((x.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1), str(path), nrow=nrow, padding=2)
+
+
+def plot_loss(losses: Sequence[float], path: Path, title: str = "training loss", smooth: int = 50) -> None:
+    plt = _plt()
+    losses = np.asarray(losses, dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, lw=0.8, label="per step")
+    if len(losses) >= smooth > 1:
+        ax.plot(np.arange(smooth - 1, len(losses)), np.convolve(losses, np.ones(smooth) / smooth, "valid"),
+                lw=1.5, label=f"mean of {smooth}")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    if losses.size and (losses > 0).all() and losses.max() / losses.min() > 30:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scatter_2d(panels: dict[str, np.ndarray], truth: np.ndarray | None, path: Path, lim: float | None = None) -> None:
+    """One panel per sample set, each drawn over the ground truth in grey."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, pts) in zip(axes[0], panels.items()):
+        if truth is not None:
+            ax.scatter(truth[:, 0], truth[:, 1], s=2, c="0.75", label="data")
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="C0", alpha=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_aspect("equal")
+        if lim is not None:
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_gif(path: Path, n_frames: int, draw: Callable, fps: int = 10, figsize=(4, 4)) -> None:
+    """A GIF through matplotlib's PillowWriter; draw(ax, i) paints frame i on a cleared axis."""
+    plt = _plt()
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    fig, ax = plt.subplots(figsize=figsize)
+
+    def update(i):
+        ax.clear()
+        draw(ax, i)
+
+    FuncAnimation(fig, update, frames=n_frames).save(str(path), writer=PillowWriter(fps=fps), dpi=80)
+    plt.close(fig)
+
+
+def gif_points(path: Path, frames: Sequence[np.ndarray], titles: Sequence[str], truth=None, lim=None, fps=10):
+    def draw(ax, i):
+        if truth is not None:
+            ax.scatter(truth[:, 0], truth[:, 1], s=1, c="0.8")
+        ax.scatter(frames[i][:, 0], frames[i][:, 1], s=2, c="C0")
+        ax.set_title(titles[i], fontsize=9)
+        if lim is not None:
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
+        ax.set_aspect("equal")
+
+    save_gif(path, len(frames), draw, fps)
+
+
+def gif_images(path: Path, frames: Sequence[torch.Tensor], titles: Sequence[str], nrow=8, value_range=(-1, 1), fps=10):
+    """frames: batches (N, C, H, W) of the same images at successive steps."""
+    from torchvision.utils import make_grid
+
+    lo, hi = value_range
+    grids = [make_grid(((f.float().cpu() - lo) / (hi - lo)).clamp(0, 1), nrow=nrow).permute(1, 2, 0).numpy()
+             for f in frames]
+
+    def draw(ax, i):
+        ax.imshow(grids[i], interpolation="nearest")
+        ax.set_title(titles[i], fontsize=9)
+        ax.axis("off")
+
+    save_gif(path, len(frames), draw, fps)
+
+
+# -- 2-D distribution distances ------------------------------------------------------------------
+
+
+def sliced_wasserstein(x: np.ndarray, y: np.ndarray, n_proj: int = 512, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two equal-size point clouds: the root mean of the
+    1-D W2^2 along random directions (1-D optimal transport sorts both sides)."""
+    n = min(len(x), len(y))
+    x, y = np.asarray(x[:n], float), np.asarray(y[:n], float)
+    theta = np.random.default_rng(seed).normal(size=(x.shape[1], n_proj))
+    theta /= np.linalg.norm(theta, axis=0, keepdims=True)
+    px, py = np.sort(x @ theta, axis=0), np.sort(y @ theta, axis=0)
+    return float(np.sqrt(np.mean((px - py) ** 2)))
+
+
+def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidths: Sequence[float] = (0.1, 0.3, 1.0, 3.0), max_n: int = 2000) -> float:
+    """Unbiased squared MMD with a sum of RBF kernels (Gretton et al. 2012); bandwidths are
+    relative to the pooled data's std. Near 0 (either sign) for equal distributions."""
+    x = torch.as_tensor(np.asarray(x[:max_n]), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(y[:max_n]), dtype=torch.float64)
+    scale = torch.cat([x, y]).std(0).mean()
+
+    def k(a, b):
+        d2 = torch.cdist(a, b).pow(2)
+        return sum(torch.exp(-d2 / (2 * (h * scale) ** 2)) for h in bandwidths)
+
+    m, n = len(x), len(y)
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    term_x = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+    term_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
+    return float(term_x + term_y - 2 * kxy.mean())
+
+
+def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.ndarray], repeats: int = 3, seed: int = 0) -> dict:
+    """Distances of `samples` to fresh ground truth, beside the real-vs-real floor: the same
+    distances between two independent truth samples of the same size. Means over repeats.
+    sample_truth(n, seed) must return n fresh points."""
+    n = len(samples)
+    swd, mmd, swd0, mmd0 = [], [], [], []
+    for r in range(repeats):
+        a, b = sample_truth(n, seed + 1000 + 2 * r), sample_truth(n, seed + 1001 + 2 * r)
+        swd.append(sliced_wasserstein(samples, a, seed=r))
+        mmd.append(mmd_rbf(samples, a))
+        swd0.append(sliced_wasserstein(b, a, seed=r))
+        mmd0.append(mmd_rbf(b, a))
+    return {"swd": float(np.mean(swd)), "swd_floor": float(np.mean(swd0)),
+            "mmd": float(np.mean(mmd)), "mmd_floor": float(np.mean(mmd0)), "n": n}
+
+
+# -- distributed data parallel (torchrun) ------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def ddp_setup(device: torch.device) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment and start the process group (NCCL on CUDA, gloo on CPU).
+    A plain `python script.py` returns Dist() and the device unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), device
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def ddp_cleanup(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_gather_cat(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Concatenate equal-shape tensors from every rank along dim 0 (identity without DDP)."""
+    if not d.enabled:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(d.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_mean(value: float, d: Dist, device: torch.device) -> float:
+    if not d.enabled:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item() / d.world_size)

@@ -617,3 +617,13 @@ def all_reduce_mean(value: float, d: Dist, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item() / d.world_size)
+
+
+def ddp_param_divergence(model: nn.Module, d: Dist, device: torch.device) -> float:
+    """Largest absolute difference of any parameter between rank 0 and the other ranks:
+    0.0 when DistributedDataParallel kept the replicas in sync (0.0 without DDP)."""
+    if not d.enabled:
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()]).to(device)
+    gathered = all_gather_cat(flat[None], d)
+    return float((gathered - gathered[:1]).abs().max().item())

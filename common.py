@@ -10,10 +10,10 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -132,7 +132,8 @@ def base_parser(description: str, script: str, image: bool = False) -> argparse.
     )
     if image:
         parser.add_argument(
-            "--data-dir", type=Path, default=Path("data"), help="where datasets are read or downloaded (default: ./data)"
+            "--data-dir", type=Path, default=Path("data"),
+            help="where datasets are read or downloaded (default: ./data)",
         )
     return parser
 
@@ -323,7 +324,9 @@ class UNet(nn.Module):
             if level < len(mults) - 1:
                 self.down.append(Downsample(ch))
                 widths.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, temb_dim, dropout), AttnBlock(ch), ResBlock(ch, ch, temb_dim, dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(ch, ch, temb_dim, dropout), AttnBlock(ch), ResBlock(ch, ch, temb_dim, dropout)]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for _ in range(num_res_blocks + 1):
@@ -522,7 +525,8 @@ def sliced_wasserstein(x: np.ndarray, y: np.ndarray, n_proj: int = 512, seed: in
     return float(np.sqrt(np.mean((px - py) ** 2)))
 
 
-def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidths: Sequence[float] = (0.1, 0.3, 1.0, 3.0), max_n: int = 2000) -> float:
+def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidths: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
+            max_n: int = 2000) -> float:
     """Unbiased squared MMD with a sum of RBF kernels (Gretton et al. 2012); bandwidths are
     relative to the pooled data's std. Near 0 (either sign) for equal distributions."""
     x = torch.as_tensor(np.asarray(x[:max_n]), dtype=torch.float64)
@@ -540,7 +544,8 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidths: Sequence[float] = (0.1, 0.
     return float(term_x + term_y - 2 * kxy.mean())
 
 
-def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.ndarray], repeats: int = 3, seed: int = 0) -> dict:
+def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.ndarray],
+                    repeats: int = 3, seed: int = 0) -> dict:
     """Distances of `samples` to fresh ground truth, beside the real-vs-real floor: the same
     distances between two independent truth samples of the same size. Means over repeats.
     sample_truth(n, seed) must return n fresh points."""

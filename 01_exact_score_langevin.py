@@ -272,6 +272,15 @@ def plot_weights(true_w, found: dict, path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few thousand 2-D points: one thread is fastest (and kind to a shared CPU)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args) -> dict:
     if args.resume:
         raise common.UserError("this script trains nothing, so there is nothing to --resume; run it without")
     device = common.get_device(args.device)
@@ -313,16 +322,13 @@ def main(argv=None) -> dict:
         "annealed MALA": (lambda: annealed_mala(x0, exact_both, sigmas, cfg.eps, cfg.T, gen), total),
     }
     t_start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a few thousand 2-D points: one thread is fastest
     results, samples = {}, {}
-    for name, (run, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
+    for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
         t0 = time.perf_counter()
-        samples[name], rate = run()
+        samples[name], rate = sample_fn()
         common.check_finite(samples[name], 0)
         seconds = time.perf_counter() - t0
         results[name] = {"accept_rate": rate, "seconds": seconds, "steps_per_s": n_steps / seconds}
-    torch.set_num_threads(threads)
     t_eval = time.perf_counter()
     reports = distance_reports({name: x.numpy() for name, x in samples.items()}, truth, seed=args.seed)
     for name, x in samples.items():

@@ -17,7 +17,7 @@ loss.png, metrics.json, ald_strip.png (one chain per row across the noise levels
 sigmas.png (Techniques 2 and 4: the schedule and the two equations solved),
 dsm_per_level.png (held-out DSM loss per noise level).
 
-Time: `--preset cpu` (16x16 images, a 2.4M-parameter U-Net) takes about 20 minutes on a
+Time: `--preset cpu` (16x16 images, a 1.5M-parameter U-Net) takes about 20 minutes on a
 2-core CPU and gives coherent colour layouts, not CIFAR-quality objects; `--preset gpu` is the
 paper's 32x32 setting (CIFAR-10 needs about a day of one GPU for the paper's 300k steps).
 The paper used a RefineNet (NCSNv2's ResNet with dilated convolutions and RefineNet blocks).
@@ -69,12 +69,12 @@ class Config:
 
 PRESETS = {
     # seconds, for the tests: 8x8 images and a large sigma_L keep L and T tiny
-    "smoke": Config(image_size=8, sigma_end=0.2, n_steps_each=2, sigma1_subset=256, steps=6, batch_size=8,
+    "smoke": Config(image_size=8, sigma_end=0.5, n_steps_each=2, sigma1_subset=256, steps=6, batch_size=8,
                     lr=1e-3, base=8, mults=(1, 2), num_res_blocks=1, attn_levels=(), n_samples=8, n_test=16,
                     eval_levels=4, ema_decay=0.9),
     # ~20 min on 2 CPU cores: 16x16 images (D = 768, so gamma, L and eps follow from the techniques),
-    # a small U-Net at 16/8/4, a shorter EMA for a 5k-step run, a higher lr with warm-up, bf16
-    "cpu": Config(image_size=16, sigma1_subset=10000, steps=3000, batch_size=128, lr=5e-4, warmup=200,
+    # a small U-Net at 16/8/4, a shorter EMA for a 2.8k-step run, a higher lr with warm-up, bf16
+    "cpu": Config(image_size=16, sigma1_subset=10000, steps=2800, batch_size=128, lr=5e-4, warmup=200,
                   base=32, mults=(1, 2, 2), num_res_blocks=2, attn_levels=(2,), ema_decay=0.995, bf16=True,
                   n_samples=100, n_test=1000, eval_levels=24),
     # the paper's CIFAR-10 setting on one GPU: 100k of its 300k steps (about 1/3 of the time)
@@ -130,8 +130,13 @@ def load_data(args, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
             raise common.UserError(f"cannot read images from {path}: {err}") from None
 
     if args.image_folder is None:
-        train = image_tensor(common.torchvision_dataset("cifar10", args.data_dir, True, tf))
-        test = image_tensor(common.torchvision_dataset("cifar10", args.data_dir, False, tf), cfg.n_test)
+        try:
+            train = image_tensor(common.torchvision_dataset("cifar10", args.data_dir, True, tf))
+            test = image_tensor(common.torchvision_dataset("cifar10", args.data_dir, False, tf), cfg.n_test)
+        except common.UserError:
+            raise common.UserError(f"could not load or download CIFAR-10: put cifar-10-python.tar.gz (or its "
+                                   f"cifar-10-batches-py folder) in {args.data_dir}, or train on a folder of "
+                                   "images with --image-folder PATH") from None
     elif args.test_folder is not None:
         train, test = image_tensor(folder(args.image_folder)), image_tensor(folder(args.test_folder), cfg.n_test)
     else:  # hold out a fixed random part of the folder
@@ -139,7 +144,8 @@ def load_data(args, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234))
         n_test = min(cfg.n_test, len(images) // 10)
         if n_test < 1:
-            raise common.UserError(f"{args.image_folder} holds {len(images)} images; need at least 10 (or --test-folder)")
+            raise common.UserError(f"{args.image_folder} holds {len(images)} images; "
+                                   "need at least 10 (or pass --test-folder)")
         train, test = images[perm[n_test:]], images[perm[:n_test]]
     return train, test
 
@@ -283,14 +289,18 @@ def upscale(x: torch.Tensor, min_size: int = 32) -> torch.Tensor:
 
 
 def plot_strip(snaps: list, titles: list, path: Path) -> None:
+    """One chain per row, one column per snapshot, titled by the noise level."""
+    from torchvision.utils import make_grid
+
     plt = common._plt()
     rows, cols = len(snaps[0]), len(snaps)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols, 0.9 * rows + 0.4), squeeze=False)
-    for c, (snap, title) in enumerate(zip(snaps, titles)):
-        for r in range(rows):
-            axes[r, c].imshow(snap[r].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-            axes[r, c].axis("off")
-        axes[0, c].set_title(title, fontsize=6)
+    grid = make_grid(torch.stack(snaps, 1).flatten(0, 1).clamp(0, 1), nrow=cols, padding=2, pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(0.85 * cols, 0.85 * rows + 0.5))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    step = grid.shape[-1] / cols
+    ax.set_xticks([step * (c + 0.5) for c in range(cols)], titles, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([])
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -393,13 +403,15 @@ def main(argv=None) -> dict:
     def save():
         if dist.is_main:
             common.save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "losses": losses, "config": dataclasses.asdict(cfg), "schedule": sched, "rng_state": common.rng_state()})
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "losses": losses, "config": dataclasses.asdict(cfg), "schedule": sched,
+                "rng_state": common.rng_state()})
 
     sampler = (torch.utils.data.DistributedSampler(torch.utils.data.TensorDataset(train), shuffle=True, seed=args.seed)
                if dist.enabled else None)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train), batch_size=cfg.batch_size,
-                                         shuffle=sampler is None, sampler=sampler, drop_last=len(train) >= cfg.batch_size)
+                                         shuffle=sampler is None, sampler=sampler,
+                                         drop_last=len(train) >= cfg.batch_size)
     t_train, start = time.time(), step
     if not args.sample_only and step < cfg.steps:
         bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not dist.is_main, mininterval=2)
@@ -471,7 +483,7 @@ def main(argv=None) -> dict:
         common.save_image_grid(upscale(clamped), out / "samples.png", nrow=10, value_range=(0, 1))
         k = min(8, n_local)
         plot_strip([upscale(x0[:k])] + [upscale(s[:k]) for s in snaps] + [upscale(x[:k])],
-                   ["uniform"] + [f"sigma={sigmas[i].item():.3g}" for i in snap_levels] + ["denoised"],
+                   ["uniform"] + [f"σ={sigmas[i].item():.2g}" for i in snap_levels] + ["denoised"],
                    out / "ald_strip.png")
         plot_techniques(sched, sigmas.cpu(), out / "sigmas.png")
         plot_dsm_curve(metrics["heldout_dsm"]["sigma"], dsm, out / "dsm_per_level.png")

@@ -1,0 +1,208 @@
+"""03 NCSNv2: Techniques 1, 2 and 4 against hand-checkable cases, the DSM loss, the Langevin step
+and the denoising step against Gaussian closed forms, and the script end to end on image folders
+the tests write."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_script
+
+m = load_script("03_ncsn_cifar10")
+
+
+# -- Technique 1 -------------------------------------------------------------------------------
+
+
+def test_max_pairwise_distance_hand_case_and_chunks():
+    pts = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [-3.0, 0.0]])
+    # the farthest pair is (3, 4) and (-3, 0): sqrt(36 + 16)
+    assert m.max_pairwise_distance(pts) == pytest.approx(math.sqrt(52), rel=1e-6)
+    x = torch.randn(300, 3, 4, 4)
+    brute = torch.cdist(x.flatten(1).double(), x.flatten(1).double()).max().item()
+    assert m.max_pairwise_distance(x, chunk=64) == pytest.approx(brute, rel=1e-5)  # chunks cover all pairs
+
+
+# -- Technique 2 -------------------------------------------------------------------------------
+
+
+def test_gamma_and_L_for_the_papers_cifar10_setting():
+    D = 3 * 32 * 32
+    gamma = m.solve_gamma(D)
+    assert m.shell_overlap(gamma, D) == pytest.approx(0.5, abs=1e-9)
+    # at gamma = 1 the two shells coincide: Phi(3) - Phi(-3)
+    assert m.shell_overlap(1.0, D) == pytest.approx(0.99730, abs=1e-5)
+    # hand check: Phi(sqrt(2D)(g-1) + 3g) is ~1 here, so Phi(sqrt(2D)(g-1) - 3g) = 1/2 gives g = 1 + 3g/sqrt(2D)
+    assert gamma == pytest.approx(1 / (1 - 3 / math.sqrt(2 * D)), rel=1e-4)
+    L = m.num_noise_levels(50.0, 0.01, gamma)
+    assert L == 220  # the condition gives gamma = 1.0398 and L = 220; the paper used L = 232 (gamma = 1.0376)
+    sig = m.geometric_sigmas(50.0, 0.01, L).double()
+    assert sig[0].item() == pytest.approx(50.0, rel=1e-6) and sig[-1].item() == pytest.approx(0.01, rel=1e-6)
+    ratios = sig[:-1] / sig[1:]
+    assert torch.allclose(ratios, ratios[0], rtol=1e-5) and ratios[0].item() <= gamma
+
+
+def test_fewer_levels_for_smaller_images():
+    # D enters through sqrt(2D): a 16x16 image tolerates a larger ratio, hence fewer levels
+    g16, g32 = m.solve_gamma(3 * 16 * 16), m.solve_gamma(3 * 32 * 32)
+    assert g16 > g32
+    assert m.num_noise_levels(50, 0.01, g16) < m.num_noise_levels(50, 0.01, g32)
+
+
+# -- Technique 4 -------------------------------------------------------------------------------
+
+
+def test_step_size_for_the_papers_cifar10_setting():
+    gamma = 5000 ** (1 / 231)  # the paper's sigma_1 = 50, sigma_L = 0.01, L = 232
+    eps = m.solve_step_size(gamma, 0.01, 5)
+    assert eps == pytest.approx(6.2e-6, rel=0.01)  # the paper's eps for T = 5; we get 6.18e-6
+    best = abs(m.langevin_variance_ratio(eps, gamma, 0.01, 5) - 1)
+    for e in (0.9 * eps, 1.1 * eps):
+        assert abs(m.langevin_variance_ratio(e, gamma, 0.01, 5) - 1) > best
+    # with no steps nothing moves: s_T = s_0 = gamma sigma_i
+    assert m.langevin_variance_ratio(eps, gamma, 0.01, 0) == pytest.approx(gamma**2)
+
+
+def test_langevin_step_reproduces_eq4_on_a_gaussian():
+    # data = one point at 0, level sigma_i: the exact score is -x / sigma_i^2; start from N(0, (gamma sigma_i)^2)
+    torch.manual_seed(0)
+    sigma_i, sigma_L, gamma, eps, T = 0.5, 0.1, 1.3, 2e-3, 4
+    alpha = eps * sigma_i**2 / sigma_L**2
+    x = gamma * sigma_i * torch.randn(400_000, dtype=torch.float64)
+    for _ in range(T):
+        x = m.langevin_step(x, -x / sigma_i**2, alpha, torch.randn_like(x))
+    predicted = m.langevin_variance_ratio(eps, gamma, sigma_L, T)
+    # the variance estimate's relative standard error is sqrt(2 / n) = 0.2%
+    assert (x.var().item() / sigma_i**2) == pytest.approx(predicted, rel=0.01)
+    assert abs(predicted - gamma**2) > 0.2  # the check is not trivial: the steps moved the variance
+
+
+# -- Technique 3, the loss, the denoising step, the sampler ------------------------------------------
+
+
+def test_score_is_network_output_over_sigma():
+    model = m.build_model(m.PRESETS["smoke"]).eval()
+    x = torch.randn(4, 3, 8, 8)
+    a, b = model(x, torch.full((4,), 0.5)), model(x, torch.full((4,), 2.0))
+    assert torch.allclose(0.5 * a, 2.0 * b, atol=1e-5)  # sigma only divides: the network never sees it
+
+
+def test_dsm_loss_with_the_exact_score_matches_closed_form():
+    # x ~ N(0, s^2): the perturbed score is -x / (s^2 + sigma^2) and E[loss] = s^2 / (2 (s^2 + sigma^2))
+    torch.manual_seed(0)
+    s, sigma = 0.7, 0.5
+    x = s * torch.randn(20_000, 1, 2, 2, dtype=torch.float64)
+    exact = lambda y, sig: -y / (s**2 + sig.view(-1, 1, 1, 1) ** 2)
+    loss = m.dsm_loss(exact, x, torch.full((len(x),), sigma, dtype=torch.float64)).mean().item()
+    assert loss == pytest.approx(s**2 / (2 * (s**2 + sigma**2)), rel=0.02)
+    zero = lambda y, sig: torch.zeros_like(y)
+    assert m.dsm_loss(zero, x, torch.full((len(x),), sigma, dtype=torch.float64)).mean().item() == pytest.approx(
+        0.5, rel=0.02)  # a score of 0 scores 1/2 per dimension at every level
+
+
+def test_tweedie_denoise_gives_the_posterior_mean():
+    mu, s, sigma = 0.3, 0.2, 0.1
+    x = torch.linspace(-1, 1, 11)
+    score = -(x - mu) / (s**2 + sigma**2)  # grad log N(x; mu, s^2 + sigma^2)
+    posterior_mean = mu + s**2 / (s**2 + sigma**2) * (x - mu)
+    assert torch.allclose(m.tweedie_denoise(x, score, sigma), posterior_mean, atol=1e-6)
+
+
+def test_annealed_langevin_matches_the_gaussian_recursion():
+    # data N(0, s^2 I), exact scores: at level i with v_i = s^2 + sigma_i^2 one step maps mean m and
+    # variance q to (1 - alpha_i / v_i) m and (1 - alpha_i / v_i)^2 q + 2 alpha_i, alpha_i = eps sigma_i^2 / sigma_L^2;
+    # the denoising step multiplies by s^2 / v_L. Uniform [0, 1] start: m = 1/2, q = 1/12.
+    torch.manual_seed(0)
+    s, sigma_L, T = 0.5, 0.05, 30
+    sigmas = m.geometric_sigmas(5.0, sigma_L, 12).double()
+    eps = m.solve_step_size((5.0 / sigma_L) ** (1 / 11), sigma_L, T)
+    exact = lambda y, sig: -y / (s**2 + sig.view(-1, 1, 1, 1) ** 2)
+    x, snaps = m.annealed_langevin(exact, torch.rand(4000, 1, 2, 2, dtype=torch.float64), sigmas, eps, T,
+                                   snapshot_at=(0, 11))
+    mean, q = 0.5, 1 / 12
+    for sig in sigmas.tolist():
+        v, alpha = s**2 + sig**2, eps * sig**2 / sigma_L**2
+        for _ in range(T):
+            mean, q = (1 - alpha / v) * mean, (1 - alpha / v) ** 2 * q + 2 * alpha
+    shrink = s**2 / (s**2 + sigma_L**2)
+    assert len(snaps) == 2
+    assert x.var().item() == pytest.approx(shrink**2 * q, rel=0.05)  # 16,000 values: relative s.e. 1.1%
+    assert x.mean().item() == pytest.approx(shrink * mean, abs=0.02)
+    assert abs(shrink**2 * q - 1 / 12) > 0.05  # far from the starting variance
+
+
+# -- the script end to end -----------------------------------------------------------------------------
+
+
+def write_folder(root, n_per_class, seed):
+    """Class folders of 12x12 PNGs: a flat colour with a darker left half (resized to 8x8 by the script)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in ("red", "blue"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = np.ones((12, 12, 3)) * rng.uniform(60, 250, 3)
+            img[:, :6] *= 0.5
+            Image.fromarray(img.astype(np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("img03")
+    return write_folder(root / "train", 24, 0), write_folder(root / "test", 4, 1)
+
+
+def run(out, folders, *extra):
+    train, test = folders
+    return m.main(["--preset", "smoke", "--device", "cpu", "--out", str(out), "--image-folder", str(train),
+                   "--test-folder", str(test), *extra])
+
+
+def test_smoke_then_resume_learns_then_sample_only(tmp_path, folders):
+    out = tmp_path / "run"
+    first = run(out, folders)
+    for name in ("config.json", "ckpt.pt", "samples.png", "samples.pt", "loss.png", "metrics.json",
+                 "ald_strip.png", "sigmas.png", "dsm_per_level.png"):
+        assert (out / name).exists(), name
+    sched = first["schedule"]
+    assert sched["D"] == 3 * 8 * 8 and sched["sigma_1_subset"] == 48
+    assert sched["L"] == m.num_noise_levels(sched["sigma_1"], 0.5, m.solve_gamma(192))
+    assert torch.load(out / "samples.pt").shape == (8, 3, 8, 8)
+    assert first["steps"] == 6
+
+    # --resume continues the same run (same sigmas and eps) up to the new --steps. The 8x8 images of
+    # two flat halves are easy to denoise: 80 steps take the held-out DSM loss from about 0.50
+    # (a score of 0 scores 0.5) to about 0.16 after 100 steps (measured); a network that learns nothing stays near 0.5
+    resumed = run(out, folders, "--resume", "--steps", "80")
+    assert resumed["steps"] == 80 and resumed["schedule"] == sched
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 80 and len(ckpt["losses"]) == 80
+    assert first["heldout_dsm"]["mean"] > 0.4
+    assert resumed["heldout_dsm"]["mean"] < 0.3
+    assert resumed["heldout_dsm"]["loss"][0] < 0.3  # largest sigma: the score points back at the data
+
+    again = run(out, folders, "--sample-only")
+    assert again["steps"] == 80 and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 80
+    assert again["heldout_dsm"]["mean"] == pytest.approx(resumed["heldout_dsm"]["mean"], rel=1e-4)
+
+
+def test_user_errors(tmp_path, folders, monkeypatch):
+    from common import UserError
+
+    with pytest.raises(UserError, match="no checkpoint"):
+        run(tmp_path / "empty", folders, "--sample-only")
+    with pytest.raises(UserError, match="cannot read images"):
+        m.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--image-folder", str(tmp_path / "missing")])
+
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(UserError, match="--image-folder"):
+        m.main(["--preset", "smoke", "--out", str(tmp_path / "c"), "--data-dir", str(tmp_path / "nodata")])

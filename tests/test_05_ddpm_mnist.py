@@ -1,0 +1,224 @@
+"""05 DDPM: the forward process and posterior against closed forms, DDIM vs ancestral sampling on
+Gaussian data (whose optimal noise predictor is analytic), the bound's decomposition, learning on
+tiny data, and the script end to end (smoke, --resume, --sample-only, data loading)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_script
+
+ddpm = load_script("05_ddpm_mnist")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_schedule_identities(name):
+    S = ddpm.make_schedule(name, 1000)
+    beta, ab = S["beta"], S["alpha_bar"]
+    if name == "linear":  # Sec. 4: beta_1 = 1e-4, beta_T = 0.02
+        assert beta[1].item() == pytest.approx(1e-4) and beta[-1].item() == pytest.approx(0.02)
+    assert ab[0] == 1 and torch.allclose(ab, torch.cumprod(1 - beta, 0))
+    assert 0 < ab[-1] < 1e-4  # x_T is close to N(0, I)
+    # q(x_t | x_0) of Eq. 4 is the composition of the single steps q(x_t | x_{t-1}) = N(sqrt(alpha_t) x, beta_t)
+    mean_coef, var = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for t in range(1, 1001):
+        mean_coef, var = mean_coef * S["alpha"][t].sqrt(), S["alpha"][t] * var + beta[t]
+        if t in (1, 10, 500, 1000):
+            assert mean_coef.item() == pytest.approx(ab[t].sqrt().item(), rel=1e-9)
+            assert var.item() == pytest.approx((1 - ab[t]).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_posterior_is_gaussian_conditioning(name):
+    """Eq. 6-7 equal the conditional of the joint Gaussian (x_{t-1}, x_t) given x_0, and Eq. 11 with
+    the true eps equals the posterior mean (the identity behind eps-prediction)."""
+    S = ddpm.make_schedule(name, 1000)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(6, 1, 2, 2, generator=g) * 2 - 1, torch.randn(6, 1, 2, 2, generator=g, dtype=torch.float64)
+    x0 = x0.double()
+    for t_val in (2, 3, 50, 999, 1000):
+        t = torch.full((6,), t_val)
+        xt = ddpm.q_sample(x0, t, eps, S)
+        a_prev, a, alpha = S["alpha_bar"][t_val - 1], S["alpha_bar"][t_val], S["alpha"][t_val]
+        cov = alpha.sqrt() * (1 - a_prev)  # Cov(x_{t-1}, x_t | x_0)
+        mean = a_prev.sqrt() * x0 + cov / (1 - a) * (xt - a.sqrt() * x0)
+        var = (1 - a_prev) - cov**2 / (1 - a)
+        post_mean, post_var = ddpm.q_posterior(x0, xt, t, S)
+        assert torch.allclose(post_mean, mean, atol=1e-10) and torch.allclose(post_var.flatten(), var.expand(6))
+        assert torch.allclose(ddpm.p_mean(xt, t, eps, S), post_mean, atol=1e-9)
+        assert torch.allclose(ddpm.predict_x0(xt, t, eps, S), x0, atol=1e-8)
+
+
+MU, SD = 0.5, 0.3  # data N(MU, SD^2 I): the optimal eps-predictor and every sampler's output are known
+
+
+def gaussian_eps_model(S):
+    """E[eps | x_t] for x_0 ~ N(MU, SD^2): c_t (x_t - sqrt(a_t) MU), c_t = sqrt(1 - a_t) / (a_t SD^2 + 1 - a_t)."""
+
+    def eps_model(x, t):
+        a = ddpm.at(S["alpha_bar"], t, x)
+        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * SD**2 + 1 - a)
+
+    return eps_model
+
+
+def predicted_moments(S, sampler, sigma="beta", steps=1000, eta=0.0):
+    """Mean and std of a sampler's output with the linear model above: each step is affine in x_t
+    plus Gaussian noise, so (mean, var) follow a scalar recursion from (0, 1) at t = T."""
+    T, ab = len(S["beta"]) - 1, S["alpha_bar"].tolist()
+    m, v = 0.0, 1.0
+    if sampler == "ancestral":  # Algorithm 2
+        var = ddpm.p_variance(S, sigma).tolist()
+        for t in range(T, 0, -1):
+            a, b, alpha = ab[t], S["beta"][t].item(), S["alpha"][t].item()
+            c = math.sqrt(1 - a) / (a * SD**2 + 1 - a)
+            k = b / math.sqrt(1 - a) / math.sqrt(alpha)
+            m, v = m / math.sqrt(alpha) - k * c * (m - math.sqrt(a) * MU), (1 / math.sqrt(alpha) - k * c) ** 2 * v
+            v += var[t] if t > 1 else 0.0
+        return m, math.sqrt(v)
+    tau = [round(i * T / steps) for i in range(steps + 1)]
+    for t, s in zip(tau[:0:-1], tau[-2::-1]):  # DDIM, Eq. 12
+        a, a_s = ab[t], ab[s]
+        c = math.sqrt(1 - a) / (a * SD**2 + 1 - a)
+        noise = eta**2 * (1 - a_s) / (1 - a) * (1 - a / a_s)
+        k = math.sqrt(1 - a_s - noise)
+        gain = math.sqrt(a_s) * (1 - math.sqrt(1 - a) * c) / math.sqrt(a) + k * c
+        m = gain * m + (math.sqrt(a_s) * math.sqrt(1 - a) - k * math.sqrt(a)) * c * MU
+        v = gain**2 * v + noise
+    return m, math.sqrt(v)
+
+
+def test_ddim_eta1_is_ancestral_and_samplers_match_known_moments():
+    S, shape = ddpm.make_schedule("linear", 1000), (4000, 1, 2, 2)
+    model = gaussian_eps_model(S)
+    anc, _ = ddpm.sample_ancestral(model, shape, S, "posterior", torch.Generator().manual_seed(1))
+    ddim1, _ = ddpm.sample_ddim(model, shape, S, 1000, eta=1.0, generator=torch.Generator().manual_seed(1))
+    # same noise -> the same path: DDIM's eta = 1 update is Algorithm 2 with sigma_t^2 = beta~_t
+    assert torch.allclose(anc, ddim1, atol=1e-4)
+    assert predicted_moments(S, "ddim", steps=1000, eta=1.0) == pytest.approx(
+        predicted_moments(S, "ancestral", "posterior"), rel=1e-9)
+    gen = lambda seed: torch.Generator().manual_seed(seed)
+    runs = {
+        ("ancestral", "posterior", 1000, 1.0): anc,
+        ("ancestral", "beta", 1000, 0.0): ddpm.sample_ancestral(model, shape, S, "beta", gen(2))[0],
+        ("ddim", "", 100, 1.0): ddpm.sample_ddim(model, shape, S, 100, 1.0, generator=gen(3))[0],
+        ("ddim", "", 50, 0.0): ddpm.sample_ddim(model, shape, S, 50, 0.0, generator=gen(4))[0],
+    }
+    for (sampler, sigma, steps, eta), x in runs.items():
+        m, sd = predicted_moments(S, sampler, sigma, steps, eta)
+        # 16k values: standard errors 0.0024 (mean) and 0.0017 (std); tolerances about 4 of them
+        assert abs(x.mean().item() - m) < 0.01 and abs(x.std().item() - sd) < 0.007, (sampler, sigma, steps, eta)
+    # the known answer N(MU, SD^2): Algorithm 2 with T = 1000 steps is within 1.5% of it for either variance
+    # (beta_t is exact for SD = 1, beta~_t for SD = 0); 50 deterministic DDIM steps shrink the std by 9%
+    for sampler, sigma, steps, eta in runs:
+        m, sd = predicted_moments(S, sampler, sigma, steps, eta)
+        assert abs(m - MU) < 2e-3 and abs(sd - SD) < (0.015 * SD if sampler == "ancestral" else 0.1 * SD)
+
+
+def test_discretized_likelihood_is_a_distribution_over_256_values():
+    x = torch.linspace(-1, 1, 256, dtype=torch.float64)[:, None]
+    for mean, std in ((0.0, 0.01), (0.9, 0.003), (-0.99, 0.5), (0.3, 2.0)):
+        logp = ddpm.discretized_gaussian_log_likelihood(x, torch.tensor(mean), torch.tensor(std))
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_bound_decomposition_on_a_tiny_model():
+    """Eq. 5 (the KL terms, stratified over t) has the same expectation as Eq. 3 (-log p(x_{0:T}) /
+    q(x_{1:T} | x_0) along forward trajectories), for any model; here the optimal predictor for a
+    single image x0 plus a fixed random conv, so the terms are of a realistic size."""
+    torch.manual_seed(0)
+    T, n = 8, 20000
+    S = ddpm.make_schedule("cosine", T)
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+    x0 = (torch.randint(0, 256, (1, 1, 4, 4)) / 127.5 - 1).expand(n, -1, -1, -1)
+    model = lambda x, t: ((x - ddpm.at(S["alpha_bar"].sqrt(), t, x) * x0) / ddpm.at((1 - S["alpha_bar"]).sqrt(), t, x)
+                          + 0.3 * torch.tanh(conv(x)))
+    var = ddpm.p_variance(S, "beta")
+    with torch.no_grad():
+        # Eq. 3 along trajectories x_1 .. x_T ~ q
+        normal_logpdf = lambda x, m, v: (-0.5 * (x - m) ** 2 / v - 0.5 * math.log(2 * math.pi * v)).flatten(1).sum(1)
+        xs = [x0]
+        for t in range(1, T + 1):
+            xs.append(S["alpha"][t].sqrt().item() * xs[-1] + S["beta"][t].sqrt().item() * torch.randn_like(x0))
+        loss = -normal_logpdf(xs[T], 0.0, 1.0)
+        for t in range(T, 0, -1):
+            tt = torch.full((n,), t)
+            mean = ddpm.p_mean(xs[t], tt, model(xs[t], tt), S)
+            loss = loss + normal_logpdf(xs[t], S["alpha"][t].sqrt().item() * xs[t - 1], S["beta"][t].item())
+            if t > 1:
+                loss = loss - normal_logpdf(xs[t - 1], mean, var[t].item())
+            else:
+                loss = loss - ddpm.discretized_gaussian_log_likelihood(x0, mean, var[1].sqrt()).flatten(1).sum(1)
+        eq3 = loss.double() / (16 * math.log(2))
+        for strata in (2, T - 1):  # T - 1: every term once
+            eq5 = ddpm.bound_bpd(model, x0, S, strata)[0]["beta"].double()
+            se = math.sqrt(eq3.var() / n + eq5.var() / n)
+            assert abs(eq3.mean() - eq5.mean()) < 4 * se, (strata, eq3.mean(), eq5.mean(), se)
+        assert eq5.var() < 0.95 * eq3.var()  # the KL form has the lower variance (measured: 10.0 vs 11.8)
+
+
+def test_loss_falls_on_tiny_data(tiny_mnist):
+    torch.manual_seed(0)
+    x = ddpm.load_images("mnist", tiny_mnist, train=True)
+    cfg = ddpm.make_config(ddpm.PRESETS["smoke"])
+    S, model = ddpm.make_schedule("linear", 1000), ddpm.build_model(cfg)
+    t_fix, eps_fix = torch.randint(1, 1001, (64,)), torch.randn_like(x)
+
+    def fixed_loss():  # L_simple on fixed (t, eps), so the comparison is free of sampling noise
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(ddpm.q_sample(x, t_fix, eps_fix, S), t_fix), eps_fix).item()
+
+    before, opt = fixed_loss(), torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(40):
+        loss = ddpm.loss_simple(model, x[torch.randint(0, 64, (16,))], S)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # measured: about 1.0 -> 0.25 on these blobs; half is a wide margin
+    assert fixed_loss() < 0.5 * before
+
+
+def test_loads_idx_files_through_torchvision(tiny_mnist):
+    raw = np.fromfile(tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte", dtype=np.uint8)[16:]
+    for name, n in (("mnist", 64), ("fashion-mnist", 64)):
+        x = ddpm.load_images(name, tiny_mnist, train=True)
+        assert x.shape == (n, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+    x = ddpm.load_images("mnist", tiny_mnist, train=True)
+    assert torch.allclose(x.flatten(), torch.from_numpy(raw).float() / 127.5 - 1)
+    assert ddpm.load_images("mnist", tiny_mnist, train=False).shape == (16, 1, 28, 28)
+
+
+def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    args = ["--preset", "smoke", "--data-dir", str(tiny_mnist), "--out", str(out)]
+    metrics = ddpm.main(args + ["--steps", "4"])
+    for name in ("config.json", "ckpt.pt", "samples.png", "samples.pt", "loss.png", "metrics.json",
+                 "denoising.png", "reverse.gif", "samplers.png", "bound_terms.png"):
+        assert (out / name).stat().st_size > 0, name
+    samples = torch.load(out / "samples.pt")
+    assert samples.shape == (8, 1, 28, 28) and torch.isfinite(samples).all()
+    assert metrics["train"]["steps"] == 4 and math.isfinite(metrics["bound"]["bpd_sigma_beta"])
+    assert [row["sampler"] for row in metrics["sampler_table"]] == ["ancestral", "ddim"]
+
+    # --resume continues the same run: 4 + 4 steps give the losses of 8 steps in one go
+    ddpm.main(args + ["--steps", "8", "--resume"])
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    ddpm.main(["--preset", "smoke", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "straight"),
+               "--steps", "8"])
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 8
+    assert np.allclose(resumed["losses"], straight["losses"], rtol=1e-5)
+
+    # --sample-only: no training, new samples with another sampler
+    metrics = ddpm.main(args + ["--sample-only", "--sampler", "ancestral", "--n-samples", "5"])
+    assert "train" not in metrics and metrics["samples"]["sampler"] == "ancestral"
+    assert torch.load(out / "samples.pt").shape == (5, 1, 28, 28)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 8
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(ddpm.common.UserError, match="no checkpoint"):
+        ddpm.main(["--preset", "smoke", "--out", str(tmp_path / "none"), "--sample-only"])
+    with pytest.raises(ddpm.common.UserError, match="eta"):
+        ddpm.main(["--preset", "smoke", "--out", str(tmp_path), "--eta", "-1"])

@@ -1,0 +1,456 @@
+"""04 -- Deep Unsupervised Learning using Nonequilibrium Thermodynamics on the Swiss roll.
+
+Sohl-Dickstein, Weiss, Maheswaranathan, Ganguli (ICML 2015), arXiv:1503.03585, Sec. 2, 3.1,
+Appendix A (Table App.1), Appendix B (the bound K) and D.1.1 (the Swiss roll), Figure 1.
+
+What it shows: the first diffusion model, as the paper built it rather than as DDPM later
+simplified it. The forward process slowly turns a 2-D Swiss roll into N(0, I) in T = 40 Gaussian
+steps (Eq. 1-3); the reverse process (Eq. 4-5) is Gaussian with a *learned mean and a learned
+diagonal covariance*, both read out of a network of (x_t, t); and training maximises the lower
+bound K on the log likelihood (Eq. 13-14: a sum of KL divergences to the forward posterior plus
+three entropy terms, Appendix B), not a noise-prediction loss. K is reported in bits per 2-D
+sample next to the paper's Table 1, with the exact log likelihood of the data beside it as the
+ceiling no model can pass.
+
+    python 04_sohl_dickstein_swissroll.py --preset cpu     # about 1.5 minutes on a laptop CPU
+
+Writes to runs/04_sohl_dickstein_swissroll/: config.json, ckpt.pt, metrics.json (K and K - L_null
+in bits, the data's own log likelihood, sliced Wasserstein / MMD of samples to fresh data beside
+the real-vs-real floor, wall times), samples.pt, samples.png, loss.png (-K in bits during
+training), figure1.png (the paper's Figure 1: forward and reverse trajectories at t = 0, T/2, T
+and the drift mu(x_t, t) - x_t), variance.png (learned reverse variance against beta_t),
+reverse_chain.gif.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import common
+
+STEM = "04_sohl_dickstein_swissroll"
+D = 2  # data dimension
+PAPER_TABLE1_BITS = {"K": 2.35, "K_minus_L_null": 6.45}  # Table 1, Swiss roll, bits per sample
+
+# -- config: presets + argparse -----------------------------------------------------------
+
+
+@dataclass
+class Config:
+    T: int = 40  # trajectory length; paper: 40 for the Swiss roll (App. D.1.1)
+    step1_beta: float = 1e-3  # added to beta_1 (reference code's `step1_beta`, its default 1e-3)
+    # jitter of the roll in raw units (arms ~6.3 apart; 0.15 after scaling), not stated in the paper:
+    # about sqrt(beta_1) after scaling, the thinnest structure this model can draw (its last step
+    # adds fixed noise of variance beta_1, App. B.2)
+    roll_noise: float = 1.0
+    trunk: str = "rbf"  # paper: a normalized RBF network; "mlp" swaps in a tanh MLP, same per-step readouts
+    hidden: int = 16  # paper: 16 RBF units
+    steps: int = 4000
+    batch: int = 512  # reference code: 512
+    lr: float = 1e-2  # Adam, cosine decay; reference code: RMSProp, lr 1e-3 decayed towards 1e-5
+    ema: float = 0.995
+    n_eval: int = 4000  # held-out points for K, and samples drawn for the distances
+    gif_stride: int = 1  # every how many reverse steps a GIF frame is drawn
+
+
+PRESETS = {
+    "smoke": Config(steps=300, batch=256, ema=0.9, n_eval=500, gif_stride=10),
+    "cpu": Config(),
+    "gpu": Config(steps=20000, batch=1024, ema=0.999, n_eval=20000),
+}
+
+
+def parse_args(argv):
+    parser = common.base_parser(__doc__, STEM)
+    parser.add_argument("--steps", type=common.positive_int, help="training steps (default: from the preset)")
+    parser.add_argument("--lr", type=common.positive_float, help="Adam learning rate (default: from the preset)")
+    parser.add_argument("--trunk", choices=["rbf", "mlp"], help="shared layers: the paper's normalized RBF "
+                        "network or a tanh MLP (default: rbf)")
+    parser.add_argument("--hidden", type=common.positive_int, help="RBF units / MLP width (default: 16)")
+    return parser.parse_args(argv)
+
+
+# -- data: the Swiss roll, scaled to zero mean and E|x|^2 = 2 ----------------------------------
+
+
+def roll_curve(tau: np.ndarray) -> np.ndarray:
+    """The spiral (tau cos tau, tau sin tau), tau in [1.5 pi, 4.5 pi] (as sklearn's make_swiss_roll)."""
+    return np.stack([tau * np.cos(tau), tau * np.sin(tau)], -1)
+
+
+TAU_LO, TAU_HI = 1.5 * math.pi, 4.5 * math.pi
+_TAU_GRID = TAU_LO + (TAU_HI - TAU_LO) * (np.arange(4096) + 0.5) / 4096  # midpoint rule for E over tau
+
+
+def roll_scaling(noise: float) -> tuple[np.ndarray, float]:
+    """Mean m and one isotropic scale s with E|s (x - m)|^2 = D: the reference code's scaling
+    (zero mean, unit variance per coordinate on average), under which L_null = -D/2 log(2 pi e)."""
+    c = roll_curve(_TAU_GRID)
+    m = c.mean(0)
+    var = ((c - m) ** 2).sum(-1).mean() + D * noise**2
+    return m, math.sqrt(D / var)
+
+
+def swiss_roll(n: int, seed: int, noise: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = roll_curve(rng.uniform(TAU_LO, TAU_HI, n)) + noise * rng.normal(size=(n, D))
+    m, s = roll_scaling(noise)
+    return ((x - m) * s).astype(np.float32)
+
+
+def data_log_density(x: np.ndarray, noise: float) -> np.ndarray:
+    """Exact log q(x^(0)) of the scaled roll: a uniform mixture over tau of N(curve(tau), noise^2 I),
+    integrated by the midpoint rule. E[log q] is the largest log likelihood any model can reach."""
+    m, s = roll_scaling(noise)
+    raw = x.astype(np.float64) / s + m
+    d2 = ((raw[:, None, :] - roll_curve(_TAU_GRID)[None]) ** 2).sum(-1)
+    logn = -d2 / (2 * noise**2) - D / 2 * math.log(2 * math.pi * noise**2)
+    mx = logn.max(1, keepdims=True)
+    return (mx[:, 0] + np.log(np.exp(logn - mx).mean(1))) - D * math.log(s)
+
+
+# -- the method: forward process, posterior, bound K, reverse sampler -----------------------
+
+
+def beta_schedule(T: int, step1_beta: float) -> torch.Tensor:
+    """beta_1..T as the authors' code builds it: a baseline that removes a constant fraction of the
+    *remaining* data variance each step, beta_t = 1 / (T - (t-1)(T-2)/(T-1)) (from 1/T to 1/2, so
+    that about 1/T of the variance is left at t = T), kept in [min_beta, 1), with step1_beta added
+    to beta_1 as the floor of the model's last step. The paper learns beta_2..T (Sec. 2.4.1)."""
+    baseline = 1.0 / torch.linspace(T, 2.0, T, dtype=torch.float64)
+    min_beta = torch.full((T,), 1e-6, dtype=torch.float64)
+    min_beta[0] += step1_beta
+    return (min_beta + baseline * (1 - min_beta - 1e-5)).float()
+
+
+def alpha_bar(beta: torch.Tensor) -> torch.Tensor:
+    """prod_{s<=t} (1 - beta_s): the fraction of the data variance left at step t (Eq. 2-3)."""
+    return torch.cumprod(1 - beta, 0)
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, beta: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x^(t) ~ q(x^(t) | x^(0)) = N(sqrt(abar_t) x0, (1 - abar_t) I): T_pi of Table App.1 applied t times."""
+    ab = alpha_bar(beta)[t - 1][:, None]
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, beta: torch.Tensor):
+    """Mean and variance of q(x^(t-1) | x^(t), x^(0)) for t >= 2 (App. B.3): by Bayes' rule the
+    product of q(x^(t) | x^(t-1)) = N(sqrt(1 - beta_t) x^(t-1), beta_t) and q(x^(t-1) | x^(0)),
+    two Gaussians in x^(t-1), so precisions add and precision-weighted means add."""
+    ab = alpha_bar(beta)
+    b, ab_prev = beta[t - 1][:, None], ab[t - 2][:, None]
+    prec = (1 - b) / b + 1 / (1 - ab_prev)
+    mean = ((1 - b).sqrt() / b * xt + ab_prev.sqrt() / (1 - ab_prev) * x0) / prec
+    return mean, (1 / prec).expand_as(mean)
+
+
+def gaussian_kl(mu_q, var_q, mu_p, var_p) -> torch.Tensor:
+    """D_KL(N(mu_q, var_q) || N(mu_p, var_p)) for diagonal Gaussians, summed over dimensions, in nats."""
+    return 0.5 * (torch.log(var_p / var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1).sum(-1)
+
+
+def gaussian_entropy(var: torch.Tensor, d: int = D) -> torch.Tensor:
+    """H[N(., var I)] = d/2 log(2 pi e var), in nats."""
+    return 0.5 * d * torch.log(2 * math.pi * math.e * var)
+
+
+def entropy_terms(beta: torch.Tensor) -> torch.Tensor:
+    """H_q(X^(T) | X^(0)) - H_q(X^(1) | X^(0)) - H_p(X^(T)) of Eq. 14 (App. B.1-B.4), in nats.
+    H_p(X^(T)) stands for the cross entropy -E_q log pi(x^(T)); the two are equal when E|x0|^2 = D."""
+    ab_T = alpha_bar(beta)[-1]
+    return gaussian_entropy(1 - ab_T) - gaussian_entropy(beta[0]) - gaussian_entropy(torch.ones(()))
+
+
+def bound_K(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, beta: torch.Tensor, noise: torch.Tensor):
+    """Single-sample estimate of K (Eq. 14) per data point, in nats: the KL term of one step
+    t ~ U{2..T}, times the T - 1 terms of the sum, plus the entropy terms. Step t = 1 is the
+    fixed reversal p(x^(0) | x^(1)) = T_pi(x^(0) | x^(1); beta_1) (App. B.2) and adds nothing."""
+    T = len(beta)
+    xt = q_sample(x0, t, beta, noise)
+    mu_q, var_q = q_posterior(x0, xt, t, beta)
+    mu_p, var_p = model(xt, t, beta)
+    return -(T - 1) * gaussian_kl(mu_q, var_q, mu_p, var_p) + entropy_terms(beta)
+
+
+@torch.no_grad()
+def bound_K_full(model, x0: torch.Tensor, beta: torch.Tensor, generator=None) -> torch.Tensor:
+    """K per data point with every KL term t = 2..T evaluated (one x^(t) each), in nats."""
+    kl = torch.zeros(len(x0))
+    for t in range(2, len(beta) + 1):
+        tt = torch.full((len(x0),), t)
+        xt = q_sample(x0, tt, beta, torch.randn(x0.shape, generator=generator))
+        kl += gaussian_kl(*q_posterior(x0, xt, tt, beta), *model(xt, tt, beta))
+    return -kl + entropy_terms(beta)
+
+
+def log_pi(x: torch.Tensor) -> torch.Tensor:
+    """log N(x; 0, I): the tractable end distribution pi(x^(T)) (Eq. 4), also the null model L_null."""
+    return -0.5 * (x**2).sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+
+
+@torch.no_grad()
+def p_sample_loop(model, n: int, beta: torch.Tensor, generator=None) -> list[torch.Tensor]:
+    """Ancestral sampling of Eq. 5: x^(T) ~ pi, x^(t-1) ~ N(f_mu(x^(t), t), f_Sigma(x^(t), t)) for
+    t = T..2, then the fixed last step x^(0) ~ N(sqrt(1 - beta_1) x^(1), beta_1 I) (App. B.2).
+    Returns [x^(T), ..., x^(0)]."""
+    x = torch.randn(n, D, generator=generator)
+    traj = [x]
+    for t in range(len(beta), 1, -1):
+        mu, var = model(x, torch.full((n,), t), beta)
+        x = mu + var.sqrt() * torch.randn(x.shape, generator=generator)
+        traj.append(x)
+    traj.append((1 - beta[0]).sqrt() * x + beta[0].sqrt() * torch.randn(x.shape, generator=generator))
+    return traj
+
+
+# -- model: shared layers, one readout per time step (App. D.1.1) ------------------------------
+
+
+class ReverseModel(nn.Module):
+    """f_mu(x^(t), t) and a diagonal f_Sigma(x^(t), t) of p(x^(t-1) | x^(t)) (Table App.1).
+    Shared layers map x^(t) to features; the top (readout) layer is learned independently for each
+    t (the paper). As in the authors' code, both are perturbations of the forward step:
+    f_mu = sqrt(1 - beta_t) x + sqrt(beta_t) z_mu and f_Sigma = sigmoid(z_Sigma + logit beta_t),
+    so the sigmoid keeps the variance in (0, 1) and zero readouts give the exact reversal of
+    diffusion on N(0, I) data, for which K = L_null."""
+
+    def __init__(self, T: int, trunk: str = "rbf", hidden: int = 16):
+        super().__init__()
+        self.trunk = trunk
+        if trunk == "rbf":  # normalized RBF: softmax over -|x - c_j|^2 / (2 w_j^2)
+            self.centers = nn.Parameter(torch.randn(hidden, D))
+            self.log_width = nn.Parameter(torch.full((hidden,), math.log(0.5)))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.readout_w = nn.Parameter(torch.zeros(T, hidden, 2 * D))
+        self.readout_b = nn.Parameter(torch.zeros(T, 2 * D))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trunk == "rbf":
+            d2 = torch.cdist(x, self.centers).pow(2)
+            return torch.softmax(-d2 / (2 * torch.exp(2 * self.log_width)), dim=-1)
+        return self.mlp(x)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, beta: torch.Tensor):
+        z = torch.einsum("nh,nho->no", self.features(x), self.readout_w[t - 1]) + self.readout_b[t - 1]
+        z_mu, z_sigma = z.chunk(2, dim=-1)
+        b = beta[t - 1][:, None]
+        return (1 - b).sqrt() * x + b.sqrt() * z_mu, torch.sigmoid(z_sigma + torch.logit(b))
+
+
+# -- training loop: gradient ascent on K (Eq. 15) --------------------------------------------
+
+
+def train(model, ema, opt, state: dict, cfg: Config, beta: torch.Tensor, seed: int, save) -> list[float]:
+    """Maximise K on fresh Swiss-roll batches; returns -K per step in bits. One t per example
+    (the reference code draws one t per minibatch)."""
+    losses = state.setdefault("losses", [])
+    bar = tqdm(range(state["step"], cfg.steps), desc="train -K (bits)", mininterval=1.0)
+    try:
+        for step in bar:
+            x0 = torch.from_numpy(swiss_roll(cfg.batch, seed * 1_000_003 + step, cfg.roll_noise))
+            t = torch.randint(2, cfg.T + 1, (cfg.batch,))
+            for group in opt.param_groups:  # cosine decay (the reference code decays its lr, too)
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            loss = -bound_K(model, x0, t, beta, torch.randn_like(x0)).mean() / math.log(2)
+            common.check_finite(loss, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)
+            losses.append(loss.item())
+            state["step"] = step + 1
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    except KeyboardInterrupt:
+        save()
+        raise
+    return losses
+
+
+# -- evaluation and figures ------------------------------------------------------------------
+
+
+def plot_figure1(traj_q, traj_p, model, beta, truth, path):
+    """The paper's Figure 1: forward q (top) and reverse p (middle) at t = 0, T/2, T, and the drift
+    f_mu(x^(t), t) - x^(t) of the reverse process (bottom)."""
+    plt = common._plt()
+    T = len(beta)
+    times = [0, T // 2, T]
+    fig, axes = plt.subplots(3, 3, figsize=(10, 10))
+    lim = 2.6
+    for j, t in enumerate(times):
+        for i, (pts, name) in enumerate([(traj_q[t], "q"), (traj_p[T - t], "p")]):
+            ax = axes[i, j]
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, c="C0" if i == 0 else "C1")
+            ax.set_title(f"{name}(x$^{{({t})}}$)", fontsize=10)
+        # drift of the step leaving x^(t); t = 0 has none, so draw the first learned step, t = 2
+        td = max(t, 2)
+        g = torch.linspace(-lim, lim, 21)
+        grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, D)
+        with torch.no_grad():
+            mu, _ = model(grid, torch.full((len(grid),), td), beta)
+        drift = (mu - grid).numpy()
+        ax = axes[2, j]
+        ax.scatter(truth[:, 0], truth[:, 1], s=1, c="0.85")
+        ax.quiver(grid[:, 0], grid[:, 1], drift[:, 0], drift[:, 1], color="C3", angles="xy")
+        ax.set_title(f"f$_\\mu$(x$^{{({td})}}$, {td}) - x$^{{({td})}}$", fontsize=10)
+    for ax in axes.flat:
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[])
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_variance(model, beta, cfg: Config, seed: int, path):
+    """Learned reverse variance f_Sigma(x^(t), t) over x^(t) ~ q against the forward beta_t and the
+    posterior variance of q(x^(t-1) | x^(t), x^(0))."""
+    plt = common._plt()
+    x0 = torch.from_numpy(swiss_roll(2000, seed + 7, cfg.roll_noise))
+    ts = np.arange(2, cfg.T + 1)
+    med, lo, hi, post = [], [], [], []
+    with torch.no_grad():
+        for t in ts:
+            tt = torch.full((len(x0),), int(t))
+            xt = q_sample(x0, tt, beta, torch.randn_like(x0))
+            var = model(xt, tt, beta)[1].flatten().numpy()
+            med.append(np.median(var))
+            lo.append(np.quantile(var, 0.1))
+            hi.append(np.quantile(var, 0.9))
+            post.append(q_posterior(x0[:1], xt[:1], tt[:1], beta)[1][0, 0].item())
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(np.arange(1, cfg.T + 1), beta.numpy(), "k-", label=r"forward $\beta_t$")
+    ax.plot(ts, post, "k--", label=r"posterior var of q(x$^{(t-1)}$|x$^{(t)}$,x$^{(0)}$)")
+    ax.plot(ts, med, "C1-", label=r"learned f$_\Sigma$(x$^{(t)}$, t), median")
+    ax.fill_between(ts, lo, hi, color="C1", alpha=0.3, label="10-90% over x$^{(t)}$ ~ q")
+    ax.set(xlabel="t", ylabel="variance", yscale="log", title="reverse variance vs forward beta")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int, out, times: dict) -> dict:
+    gen = torch.Generator().manual_seed(seed + 1)
+    x_test = swiss_roll(cfg.n_eval, seed + 999_983, cfg.roll_noise)  # held out: seeds never used in training
+    x0 = torch.from_numpy(x_test)
+    bits = lambda nats: float(nats) / math.log(2)
+    K = bits(bound_K_full(model, x0, beta, gen).mean())
+    L_null = bits(log_pi(x0).mean())
+    L_data = bits(data_log_density(x_test[:2000], cfg.roll_noise).mean())
+
+    t0 = time.perf_counter()
+    traj_p = p_sample_loop(model, cfg.n_eval, beta, gen)
+    times["sampling_s"] = time.perf_counter() - t0
+    samples = traj_p[-1]
+    common.check_finite(samples, cfg.steps)
+    torch.save(samples, out / "samples.pt")
+    truth = lambda n, s: swiss_roll(n, s, cfg.roll_noise)
+    dist = common.distance_report(samples.numpy(), truth, seed=seed)
+
+    ab = alpha_bar(beta)
+    traj_q = [x0] + [ab[t - 1].sqrt() * x0 + (1 - ab[t - 1]).sqrt() * torch.randn(x0.shape, generator=gen)
+                     for t in range(1, cfg.T + 1)]
+    common.scatter_2d({"data (held out)": x_test, f"samples, T = {cfg.T} reverse steps": samples.numpy()},
+                      x_test, out / "samples.png", lim=2.6)
+    plot_figure1([x.numpy() for x in traj_q], [x.numpy() for x in traj_p], model, beta, x_test, out / "figure1.png")
+    plot_variance(model, beta, cfg, seed, out / "variance.png")
+    keep = list(range(0, cfg.T + 1, cfg.gif_stride)) + ([cfg.T] if cfg.T % cfg.gif_stride else [])
+    frames = [traj_p[i][:1500].numpy() for i in keep]
+    titles = [f"reverse chain: x$^{{({cfg.T - i})}}$" for i in keep]
+    common.gif_points(out / "reverse_chain.gif", frames + frames[-1:] * 8, titles + titles[-1:] * 8,
+                      truth=x_test[:1500], lim=2.6, fps=8)
+    return {
+        "K_bits": K,
+        "K_cap_from_beta1_bits": bits(entropy_terms(beta)),
+        "K_minus_L_null_bits": K - L_null,
+        "L_null_bits": L_null,
+        "data_log_likelihood_bits": L_data,
+        "gap_to_data_bits": L_data - K,
+        "paper_table1_bits": PAPER_TABLE1_BITS,
+        "units": "bits per 2-D sample (summed over both coordinates), held-out data, data scaled to zero mean "
+                 "and E|x|^2 = 2 as in the authors' code, so that L_null = -log2(2 pi e) = -4.094 bits",
+        "comparability": "K - L_null uses the same null and units as Table 1, but the paper does not state the "
+                         "roll's thickness or extent (its code for the roll is not public), and K is capped by "
+                         "the data's own log likelihood (data_log_likelihood_bits), which is set by that thickness "
+                         "and by beta_1; so the values are comparable in kind, not in size",
+        "distances": dist,
+        "swd_over_floor": dist["swd"] / dist["swd_floor"],
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    if device.type != "cpu":
+        print(f"a 2-D model this small is fastest on the CPU; ignoring --device {device}")
+    preset = common.resolve_preset(args.preset, device)
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "trunk", "hidden")}
+    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    torch.set_num_threads(1)  # tensors of a few thousand 2-D points: one thread is fastest
+    common.seed_everything(args.seed)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    ckpt = common.load_checkpoint(out / "ckpt.pt") if (args.resume or args.sample_only) else None
+    if ckpt is not None:
+        saved = Config(**ckpt["config"])
+        if (saved.T, saved.trunk, saved.hidden) != (cfg.T, cfg.trunk, cfg.hidden):
+            raise common.UserError(f"the checkpoint in {out} was trained with T={saved.T}, --trunk {saved.trunk}, "
+                                   f"--hidden {saved.hidden}; pass the same values or another --out")
+        cfg = replace(saved, steps=cfg.steps) if args.resume else saved
+    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
+
+    beta = beta_schedule(cfg.T, cfg.step1_beta)
+    model = ReverseModel(cfg.T, cfg.trunk, cfg.hidden)
+    ema = common.make_ema(model, cfg.ema)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = {"step": 0, "losses": []}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
+        common.set_rng_state(ckpt["rng_state"])
+
+    def save():
+        common.save_checkpoint(out / "ckpt.pt", {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": state["step"], "losses": state["losses"], "config": asdict(cfg), "rng_state": common.rng_state()})
+
+    times = {}
+    K_init = None
+    if not args.sample_only:
+        if state["step"] == 0:
+            x_init = torch.from_numpy(swiss_roll(cfg.n_eval, args.seed + 999_983, cfg.roll_noise))
+            K_init = float(bound_K_full(model, x_init, beta, torch.Generator().manual_seed(0)).mean()) / math.log(2)
+        t0, step0 = time.perf_counter(), state["step"]
+        train(model, ema, opt, state, cfg, beta, args.seed, save)
+        times["train_s"] = time.perf_counter() - t0
+        times["steps_per_s"] = (state["step"] - step0) / max(times["train_s"], 1e-9)
+        save()
+        common.plot_loss(state["losses"], out / "loss.png", title="-K (bits per sample), lower is better")
+
+    t0 = time.perf_counter()
+    metrics = evaluate(ema.module, cfg, beta, args.seed, out, times)
+    times["eval_s"] = time.perf_counter() - t0
+    metrics = {"preset": preset, "steps": state["step"], "K_bits_at_init": K_init, **metrics, **times}
+    common.write_json(out / "metrics.json", metrics)
+    d = metrics["distances"]
+    print(f"K = {metrics['K_bits']:.3f} bits, K - L_null = {metrics['K_minus_L_null_bits']:.3f} bits "
+          f"(paper: 2.35, 6.45); data log-likelihood {metrics['data_log_likelihood_bits']:.3f} bits; "
+          f"swd {d['swd']:.4f} (floor {d['swd_floor']:.4f})")
+    return metrics
+
+
+if __name__ == "__main__":
+    common.cli_entry(main)

@@ -12,7 +12,7 @@ three entropy terms, Appendix B), not a noise-prediction loss. K is reported in 
 sample next to the paper's Table 1, with the exact log likelihood of the data beside it as the
 ceiling no model can pass.
 
-    python 04_sohl_dickstein_swissroll.py --preset cpu     # about 1.5 minutes on a laptop CPU
+    python 04_sohl_dickstein_swissroll.py --preset cpu     # about 30 s on a 2-core CPU
 
 Writes to runs/04_sohl_dickstein_swissroll/: config.json, ckpt.pt, metrics.json (K and K - L_null
 in bits, the data's own log likelihood, sliced Wasserstein / MMD of samples to fresh data beside

@@ -7,7 +7,7 @@ What it shows: the first diffusion model, as the paper built it rather than as D
 simplified it. The forward process slowly turns a 2-D Swiss roll into N(0, I) in T = 40 Gaussian
 steps (Eq. 1-3); the reverse process (Eq. 4-5) is Gaussian with a *learned mean and a learned
 diagonal covariance*, both read out of a network of (x_t, t); and training maximises the lower
-bound K on the log likelihood (Eq. 13-14: a sum of KL divergences to the forward posterior plus
+bound K on the log likelihood (Eq. 14: a sum of KL divergences to the forward posterior plus
 three entropy terms, Appendix B), not a noise-prediction loss. K is reported in bits per 2-D
 sample next to the paper's Table 1, with the exact log likelihood of the data beside it as the
 ceiling no model can pass.
@@ -246,7 +246,7 @@ class ReverseModel(nn.Module):
         return (1 - b).sqrt() * x + b.sqrt() * z_mu, torch.sigmoid(z_sigma + torch.logit(b))
 
 
-# -- training loop: gradient ascent on K (Eq. 15) --------------------------------------------
+# -- training loop: gradient ascent on K (Sec. 2.4) -----------------------------------------
 
 
 def train(model, ema, opt, state: dict, cfg: Config, beta: torch.Tensor, seed: int, save) -> list[float]:

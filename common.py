@@ -216,7 +216,11 @@ class GaussianFourierEmbedding(nn.Module):
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, max(1, channels // 4)), channels)
+    """GroupNorm with up to 32 groups of at least 4 channels: the largest such count dividing channels."""
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):

@@ -109,6 +109,13 @@ def test_unet_time_conditioning_and_out_scale():
     assert torch.allclose(scaled(x, sigma), base_out / sigma[:, None, None, None], atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [30, 32, 48, 240, 256])
+def test_group_norm_divides_any_width(channels):
+    norm = common.group_norm(channels)
+    assert channels % norm.num_groups == 0 and norm.num_groups <= 32
+    assert norm.num_groups == min(32, channels // 4) or channels % min(32, channels // 4)
+
+
 def test_unet_default_sizes():
     """The parameter counts quoted in the README for the default configurations."""
     assert common.count_params(common.UNet(channels=1)) == 1_112_801

@@ -517,7 +517,7 @@ def run(args, dist, device) -> dict:
             table.append({"sampler": name, "steps": steps, "n": cfg.table_n, "wall_s": secs,
                           "samples_per_s": cfg.table_n / secs})
             rows.append(x[:10])
-        common.save_image_grid(torch.cat(rows), out / "samplers.png", nrow=10)
+        common.save_image_grid(torch.cat(rows), out / "samplers.png", nrow=len(rows[0]))
         metrics["sampler_table"] = table
         metrics["wall_s_total"] = time.perf_counter() - wall0
         common.write_json(out / "metrics.json", metrics)

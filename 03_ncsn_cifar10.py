@@ -373,6 +373,7 @@ def main(argv=None) -> dict:
         D = train[0].numel()
         subset = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:cfg.sigma1_subset]]
         sigma_1 = max_pairwise_distance(to_float(subset.to(device)))  # Technique 1
+        sigma_1 = common.all_reduce_mean(sigma_1, dist, device)  # the same value on every rank
         gamma = solve_gamma(D)  # Technique 2
         L = num_noise_levels(sigma_1, cfg.sigma_end, gamma)
         gamma_used = (sigma_1 / cfg.sigma_end) ** (1 / (L - 1))

@@ -282,8 +282,9 @@ class UNet(nn.Module):
     channels: image channels; base: width at full resolution; mults: width multipliers, one
     resolution level each (a level halves the resolution: 28 -> 14 -> 7, 32 -> 16 -> 8);
     attn_levels: indices of levels with self-attention; time_emb: 'sinusoidal', 'fourier' or
-    None (unconditional, e.g. NCSNv2); out_scale(out, t): an optional hook applied to the
-    output, e.g. dividing by sigma(t) to make a score network.
+    None (unconditional, e.g. NCSNv2); embed_dim: number of time features (default: base);
+    out_scale(out, t): an optional hook applied to the output, e.g. dividing by sigma(t) to make
+    a score network.
     """
 
     def __init__(
@@ -297,20 +298,22 @@ class UNet(nn.Module):
         time_emb: str | None = "sinusoidal",
         fourier_scale: float = 16.0,
         out_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        embed_dim: int | None = None,
     ):
         super().__init__()
         self.out_scale = out_scale
         temb_dim = 4 * base if time_emb else None
+        embed_dim = embed_dim or base
         if time_emb == "sinusoidal":
-            embed = SinusoidalEmbedding(base)
+            embed = SinusoidalEmbedding(embed_dim)
         elif time_emb == "fourier":
-            embed = GaussianFourierEmbedding(base, fourier_scale)
+            embed = GaussianFourierEmbedding(embed_dim, fourier_scale)
         elif time_emb is None:
             embed = None
         else:
             raise ValueError(f"time_emb must be 'sinusoidal', 'fourier' or None, not {time_emb!r}")
         self.time_mlp = (
-            nn.Sequential(embed, nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+            nn.Sequential(embed, nn.Linear(embed_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
             if embed is not None
             else None
         )

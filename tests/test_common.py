@@ -109,6 +109,15 @@ def test_unet_time_conditioning_and_out_scale():
     assert torch.allclose(scaled(x, sigma), base_out / sigma[:, None, None, None], atol=1e-6)
 
 
+@pytest.mark.parametrize("time_emb", ["sinusoidal", "fourier"])
+def test_unet_embed_dim_sets_the_number_of_time_features(time_emb):
+    narrow = common.UNet(base=16, mults=(1, 2), time_emb=time_emb, embed_dim=64)
+    assert narrow.time_mlp[0](torch.rand(3)).shape == (3, 64)
+    assert narrow.time_mlp[1].in_features == 64 and narrow.time_mlp[1].out_features == 4 * 16
+    assert common.UNet(base=16, mults=(1, 2), time_emb=time_emb).time_mlp[1].in_features == 16  # default: base
+    assert narrow(torch.randn(2, 1, 28, 28), torch.rand(2)).shape == (2, 1, 28, 28)
+
+
 @pytest.mark.parametrize("channels", [30, 32, 48, 240, 256])
 def test_group_norm_divides_any_width(channels):
     norm = common.group_norm(channels)

@@ -18,7 +18,7 @@ and shift (gamma_i, beta_i) after each hidden layer. From NCSNv2 (arXiv:2006.090
 we also divide the output by sigma_i, so that sigma_i s_theta -- what Eq. 6 with sigma^2
 weighting asks the network for -- is of unit size at every level.
 
-    python 02_ncsn_toy.py                          # the mixture, --preset cpu, ~30 s on a CPU
+    python 02_ncsn_toy.py                          # the mixture, --preset cpu, ~50 s on a CPU
     python 02_ncsn_toy.py --dataset swissroll      # or checkerboard; --loss ssm
 
 Writes to runs/02_ncsn_toy/: config.json, ckpt.pt, loss.png, metrics.json, samples.pt,

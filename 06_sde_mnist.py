@@ -430,6 +430,12 @@ def score_fn_of(net, bf16: bool, device, channels_last=False):
 # -- training loop ----------------------------------------------------------------------------------
 
 
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up, times a cosine decay to 0 over the run (short runs) or 1 (paper: constant)."""
+    decay = 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cfg.lr_decay else 1.0
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * decay
+
+
 def train(cfg, sde, model, ema, opt, data, state, dist, device, out, seed):
     """Adam with linear warm-up (then cosine decay), gradient clipping, EMA after every step; Ctrl-C
     saves a checkpoint."""
@@ -455,8 +461,7 @@ def train(cfg, sde, model, ema, opt, data, state, dist, device, out, seed):
             if cfg.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             for group in opt.param_groups:
-                decay = 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cfg.lr_decay else 1.0
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * decay
+                group["lr"] = lr_at(step, cfg)
             with common.autocast(device, cfg.bf16):
                 loss = dsm_loss(net, sde, x0, cfg.train_eps)
             common.check_finite(loss, step)

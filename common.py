@@ -281,6 +281,8 @@ class UNet(nn.Module):
 
     channels: image channels; base: width at full resolution; mults: width multipliers, one
     resolution level each (a level halves the resolution: 28 -> 14 -> 7, 32 -> 16 -> 8);
+    num_res_blocks: ResBlocks per level on the way down (one more on the way up), a number or one
+    per level;
     attn_levels: indices of levels with self-attention; time_emb: 'sinusoidal', 'fourier' or
     None (unconditional, e.g. NCSNv2); embed_dim: number of time features (default: base);
     out_scale(out, t): an optional hook applied to the output, e.g. dividing by sigma(t) to make
@@ -292,7 +294,7 @@ class UNet(nn.Module):
         channels: int = 1,
         base: int = 32,
         mults: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int = 1,
+        num_res_blocks: int | Sequence[int] = 1,
         attn_levels: Sequence[int] = (2,),
         dropout: float = 0.1,
         time_emb: str | None = "sinusoidal",
@@ -318,10 +320,13 @@ class UNet(nn.Module):
             else None
         )
         self.stem = nn.Conv2d(channels, base, 3, padding=1)
+        n_blocks = [num_res_blocks] * len(mults) if isinstance(num_res_blocks, int) else list(num_res_blocks)
+        if len(n_blocks) != len(mults):
+            raise ValueError("num_res_blocks needs one entry per level of mults")
         widths, ch = [base], base
         self.down = nn.ModuleList()
         for level, mult in enumerate(mults):
-            for _ in range(num_res_blocks):
+            for _ in range(n_blocks[level]):
                 blocks = [ResBlock(ch, base * mult, temb_dim, dropout)]
                 ch = base * mult
                 if level in attn_levels:
@@ -336,7 +341,7 @@ class UNet(nn.Module):
         )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
-            for _ in range(num_res_blocks + 1):
+            for _ in range(n_blocks[level] + 1):
                 blocks = [ResBlock(ch + widths.pop(), base * mult, temb_dim, dropout)]
                 ch = base * mult
                 if level in attn_levels:

@@ -118,6 +118,20 @@ def test_unet_embed_dim_sets_the_number_of_time_features(time_emb):
     assert narrow(torch.randn(2, 1, 28, 28), torch.rand(2)).shape == (2, 1, 28, 28)
 
 
+def test_unet_num_res_blocks_per_level():
+    def blocks_at(net, width):
+        return sum(isinstance(m, common.ResBlock) and m.conv2.out_channels == width for m in net.modules())
+
+    uniform = common.UNet(base=8, mults=(1, 2, 4), num_res_blocks=1, attn_levels=())
+    deeper = common.UNet(base=8, mults=(1, 2, 4), num_res_blocks=(1, 1, 3), attn_levels=())
+    assert [blocks_at(uniform, w) for w in (8, 16)] == [blocks_at(deeper, w) for w in (8, 16)] == [3, 3]
+    # level 2 (width 32): n down + (n + 1) up, plus the two middle blocks
+    assert blocks_at(uniform, 32) == 1 + 2 + 2 and blocks_at(deeper, 32) == 3 + 4 + 2
+    assert deeper(torch.randn(2, 1, 28, 28), torch.rand(2)).shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match="one entry per level"):
+        common.UNet(base=8, mults=(1, 2), num_res_blocks=(1, 1, 2))
+
+
 @pytest.mark.parametrize("channels", [30, 32, 48, 240, 256])
 def test_group_norm_divides_any_width(channels):
     norm = common.group_norm(channels)

@@ -114,8 +114,6 @@ def make_config(values: dict) -> Config:
     values = {k: v for k, v in values.items() if k in {f.name for f in fields(Config)}}
     for key in ("mults", "attn_levels"):
         values[key] = tuple(values.get(key, getattr(Config, key)))
-    if isinstance(values.get("num_res_blocks"), list):  # from a checkpoint's JSON-like config
-        values["num_res_blocks"] = tuple(values["num_res_blocks"])
     values["table"] = tuple(tuple(row) for row in values.get("table", Config.table))
     cfg = Config(**values)
     if cfg.eta < 0 or cfg.sampling_steps > cfg.T or cfg.bound_strata > cfg.T - 1:

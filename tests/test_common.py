@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT
 
 import common
@@ -130,6 +131,15 @@ def test_unet_num_res_blocks_per_level():
     assert deeper(torch.randn(2, 1, 28, 28), torch.rand(2)).shape == (2, 1, 28, 28)
     with pytest.raises(ValueError, match="one entry per level"):
         common.UNet(base=8, mults=(1, 2), num_res_blocks=(1, 1, 2))
+
+
+def test_attention_matches_scaled_dot_product_attention():
+    torch.manual_seed(0)
+    block = common.AttnBlock(8)
+    x = torch.randn(3, 8, 5, 4)
+    q, k, v = block.qkv(block.norm(x)).reshape(3, 3, 8, 20).transpose(-1, -2).unbind(1)
+    ref = x + block.proj(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(3, 8, 5, 4))
+    torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("channels", [30, 32, 48, 240, 256])

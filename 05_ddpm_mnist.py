@@ -341,7 +341,7 @@ def train(cfg, model, ema, opt, S, data, step, losses, dist, device, save) -> in
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     model.train()
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not dist.is_main or None,
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not dist.is_main,
                mininterval=2, desc="train")
     try:
         for _ in bar:
@@ -489,7 +489,7 @@ def run(args, dist, device) -> dict:
     share = test_x[dist.rank * len(test_x) // dist.world_size:(dist.rank + 1) * len(test_x) // dist.world_size]
     gen, t0, parts, trace = torch.Generator(device).manual_seed(args.seed + 7 + dist.rank), time.perf_counter(), [], []
     bound_model = make_eps_model(ema, device, bf16=False)  # fp32: small-t terms are sensitive to eps errors
-    for i in tqdm(range(0, len(share), cfg.sample_batch), desc="bound", disable=not dist.is_main or None):
+    for i in tqdm(range(0, len(share), cfg.sample_batch), desc="bound", disable=not dist.is_main):
         bpd, tr = bound_bpd(bound_model, share[i:i + cfg.sample_batch].to(device), S, cfg.bound_strata, gen)
         parts.append(torch.stack([bpd["beta"], bpd["posterior"]], 1))
         trace = trace or tr

@@ -32,6 +32,23 @@ def test_resolve_preset(capsys):
     assert common.resolve_preset(None, torch.device("cuda")) == "gpu"
 
 
+def test_bf16_is_fast_follows_the_cpu():
+    assert common.bf16_is_fast(torch.device("cpu")) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert common.bf16_is_fast(torch.device("mps")) is False
+
+
+def test_fit_preset_swaps_slow_bf16_for_fp32(monkeypatch, capsys):
+    cpu, preset, fp32 = torch.device("cpu"), dict(bf16=True, steps=2700, lr=1e-3), dict(steps=1100)
+    monkeypatch.setattr(common, "bf16_is_fast", lambda device: True)
+    assert common.fit_preset(preset, cpu, fp32) == preset
+    monkeypatch.setattr(common, "bf16_is_fast", lambda device: False)
+    assert common.fit_preset(preset, cpu, fp32) == dict(bf16=False, steps=1100, lr=1e-3)
+    assert "fp32 instead" in capsys.readouterr().out
+    assert common.fit_preset(dict(bf16=False, steps=5), cpu, fp32) == dict(bf16=False, steps=5)
+    assert common.fit_preset(preset, torch.device("mps"), fp32) == preset  # autocast is off on MPS anyway
+    assert preset == dict(bf16=True, steps=2700, lr=1e-3)  # not modified in place
+
+
 def test_base_parser_flags_and_bad_values():
     parser = common.base_parser("demo", "00_demo", image=True)
     parser.add_argument("--steps", type=common.positive_int, default=3)

@@ -84,8 +84,8 @@ PRESETS = {
     # the paper's recipe at MNIST size, about an hour on one GPU (40k of the paper's 800k steps)
     "gpu": dict(),
 }
-# A CPU without bf16 kernels (AVX2 only) runs the cpu preset in fp32, where a step of its U-Net costs
-# 2.4x more on 2 cores (0.64 s vs 0.27 s): fewer steps keep the run under 15 minutes (see README)
+# A CPU without bf16 kernels (AVX2 only) runs the cpu preset in fp32, where a training step costs about
+# twice as much on 2 cores (0.56 s vs 0.27 s): fewer steps keep the run near 13 minutes (see README)
 FP32 = {"cpu": dict(steps=1100)}
 
 FLAGS = {  # command-line overrides of Config (None = take the preset's value)

@@ -91,7 +91,8 @@ MODEL_KEYS = ("sde", "sigma_min", "sigma_max", "beta_min", "beta_max", "base", "
 
 PRESETS = {
     "smoke": dict(base=8, mults=(1, 2), num_res_blocks=1, attn_levels=(), steps=4, batch_size=8, warmup=2, n_samples=8,
-                  sample_batch=4, n_compare=8, n_steps=4, ode_tol=0.1, lik_images=2, lik_repeats=2, lik_tol=0.1, bf16=False),
+                  sample_batch=4, n_compare=8, n_steps=4, ode_tol=0.1, lik_images=2, lik_repeats=2, lik_tol=0.1,
+                  bf16=False),
     # ~10 minutes of training on 2 cores, then ~2.5 minutes of sampling and likelihoods (see Config).
     "cpu": dict(),
     "gpu": dict(base=64, mults=(1, 2, 2), num_res_blocks=2, attn_levels=(1,), dropout=0.1, steps=200_000,

@@ -100,7 +100,7 @@ PRESETS = {
                 n_samples=10_000, n_compare=500, sample_batch=1000, n_steps=1000, ode_tol=1e-5, lik_images=1000,
                 lik_tol=1e-5),
 }
-# A CPU without bf16 kernels (AVX2 only) runs the cpu preset in fp32, where a training step costs 2.3x more
+# A CPU without bf16 kernels (AVX2 only) runs the cpu preset in fp32, where a training step costs 2.2x more
 # on 2 cores and sampling 2-4x: fewer steps, half the samples for the other samplers and a looser ODE
 # tolerance (same samples, see README) keep the run under 15 minutes
 FP32 = {"cpu": dict(steps=1000, n_compare=50, ode_tol=1e-3)}

@@ -602,7 +602,7 @@ def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.n
 # -- the digit judge: sample quality of the MNIST scripts ----------------------------------------
 
 # The judge's recipe, fixed before it judged any sample; a change here retrains the cached judge.
-JUDGE = dict(steps=1400, batch=128, lr=3e-3, width=16, features=64, shift=2, seed=0)
+JUDGE = dict(steps=1400, batch=128, outliers=32, lr=3e-3, width=16, features=64, shift=2, seed=0)
 
 
 class JudgeNet(nn.Module):
@@ -625,8 +625,19 @@ class JudgeNet(nn.Module):
         return self.head(f), f
 
 
+def outlier_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n images that are no class: uniform noise, half of it smoothed into blobs (3x3 to 7x7)."""
+    x = torch.rand(n, 1, 28, 28, generator=generator) * 2 - 1
+    k = 2 * int(torch.randint(1, 4, (1,), generator=generator)) + 1
+    smooth = F.avg_pool2d(x[: n // 2], k, stride=1, padding=k // 2, count_include_pad=False)
+    x[: n // 2] = smooth / smooth.abs().amax((1, 2, 3), keepdim=True)
+    return x
+
+
 def train_judge(images: torch.Tensor, labels: torch.Tensor, recipe: dict) -> JudgeNet:
-    """Adam with a cosine-decayed rate on random shifts of up to `shift` pixels; images in [-1, 1]."""
+    """Adam with a one-cycle rate on random shifts of up to `shift` pixels, images in [-1, 1];
+    outlier exposure (Hendrycks et al. 2019): `outliers` noise images per batch are trained
+    towards the uniform distribution over classes, so noise is not classified confidently."""
     gen = torch.Generator().manual_seed(recipe["seed"])
     torch.manual_seed(recipe["seed"])
     net, s = JudgeNet(recipe["width"], recipe["features"]), recipe["shift"]
@@ -638,7 +649,10 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, recipe: dict) -> Jud
         idx = torch.randint(len(images), (recipe["batch"],), generator=gen)
         dy, dx = torch.randint(2 * s + 1, (2, len(idx), 1), generator=gen) + torch.arange(28)
         x = padded[idx[:, None, None], 0, dy[:, :, None], dx[:, None, :]].unsqueeze(1)
-        loss = F.cross_entropy(net(x)[0], labels[idx])
+        x = torch.cat([x, outlier_images(recipe["outliers"], gen)])
+        logits = net(x)[0]
+        loss = F.cross_entropy(logits[: len(idx)], labels[idx])
+        loss = loss - logits[len(idx):].log_softmax(-1).mean() - math.log(10)  # CE to uniform
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -714,13 +728,14 @@ def labelled_images(name: str, root: Path, train: bool) -> tuple[torch.Tensor, t
     return ds.data[:, None].float().div(127.5).sub(1), ds.targets.long()
 
 
-def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0,
+def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, draws: int = 5,
                   min_ratio: float = 2.0, quiet: bool = False) -> dict:
     """Judge n samples (N, 1, 28, 28) in [-1, 1] against the held-out test split of `name`:
     confident: share classified with probability > 0.9; class_shares of the 10 classes;
     fid: Frechet distance to all test images in the judge's features (depends on n: compare
-    only at equal n). Floors beside them: real_confident of the test images, and real_fid of n
-    training images against the same test images. fid is None when n < min_ratio x features."""
+    only at equal n). Floors beside them: real_confident of the test images, and real_fid, the
+    mean (and std) over `draws` sets of n training images of their FID to the same test images.
+    fid is None when n < min_ratio x features."""
     net, record = load_judge(name, root, quiet)
     test_x, _ = labelled_images(name, root, train=False)
     train_x, _ = labelled_images(name, root, train=True)
@@ -736,16 +751,34 @@ def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0,
     if n < min_ratio * feats.shape[1]:
         out["fid_note"] = f"n = {n} is below {min_ratio:g} x {feats.shape[1]} features: no FID"
         return out
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:n]
+    gen = torch.Generator().manual_seed(seed)
+    floors = [frechet_distance(judge_outputs(net, train_x[torch.randperm(len(train_x),
+              generator=gen)[:n]])[1], real_feats) for _ in range(draws)]
     out["fid"] = frechet_distance(feats, real_feats)
-    out["real_fid"] = frechet_distance(judge_outputs(net, train_x[pick])[1], real_feats)
+    out["real_fid"], out["real_fid_std"] = float(np.mean(floors)), float(np.std(floors))
     return out
 
 
 def judge_line(j: dict) -> str:
-    fid = "FID n/a" if j["fid"] is None else f"FID {j['fid']:.2f} (real {j['real_fid']:.2f})"
+    fid = "FID n/a" if j["fid"] is None else (
+        f"FID {j['fid']:.1f} (real {j['real_fid']:.1f} +- {j['real_fid_std']:.1f})")
     return (f"judge on {j['n']} samples: {fid}, confident {j['confident']:.1%} "
             f"(real {j['real_confident']:.1%}), class shares within {j['class_share_max_dev']:.3f} of 0.1")
+
+
+def judge_file(argv: list[str] | None = None) -> dict:
+    """`python common.py SAMPLES.pt [--dataset mnist] [--data-dir data]`: judge saved samples."""
+    parser = argparse.ArgumentParser(description="judge saved samples (N, 1, 28, 28) in [-1, 1]")
+    parser.add_argument("samples", type=Path)
+    parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    args = parser.parse_args(argv)
+    if not args.samples.is_file():
+        raise UserError(f"no samples at {args.samples}")
+    samples = torch.load(args.samples, map_location="cpu", weights_only=True)
+    result = judge_samples(samples.float(), args.dataset, args.data_dir)
+    print(judge_line(result))
+    return result
 
 
 # -- distributed data parallel (torchrun) ------------------------------------------------------
@@ -819,3 +852,7 @@ def ddp_param_divergence(model: nn.Module, d: Dist, device: torch.device) -> flo
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()]).to(device)
     gathered = all_gather_cat(flat[None], d)
     return float((gathered - gathered[:1]).abs().max().item())
+
+
+if __name__ == "__main__":
+    cli_entry(judge_file)

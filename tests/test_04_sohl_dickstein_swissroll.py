@@ -15,10 +15,10 @@ BETA = m.beta_schedule(T, 1 / T + 1e-3)  # the authors' code's fixed schedule
 
 
 def test_beta_schedule_is_the_reference_baseline():
-    # from 1/T (+ step1_beta) to 1/2; about 1/T of the data variance survives to t = T
+    # from 1/T (+ 0.001 on beta_1) to 1/2; about 1/T of the data variance survives to t = T
     assert BETA[0].item() == pytest.approx(1 / T + 1e-3, rel=1e-3)
     assert BETA[-1].item() == pytest.approx(0.5, rel=1e-3)
-    assert (BETA[2:] > BETA[1:-1]).all()  # beta_1 carries the extra step1_beta
+    assert (BETA[2:] > BETA[1:-1]).all()  # beta_1 carries the extra 0.001
     assert m.alpha_bar(BETA)[-1].item() == pytest.approx(1 / T, rel=0.25)
 
 

@@ -8,22 +8,25 @@ simplified it. The forward process slowly turns a 2-D Swiss roll into N(0, I) in
 steps (Eq. 1-3); the reverse process (Eq. 4-5) is Gaussian with a *learned mean and a learned
 diagonal covariance*, both read out of a network of (x_t, t); and training maximises the lower
 bound K on the log likelihood (Eq. 14: a sum of KL divergences to the forward posterior plus
-three entropy terms, Appendix B), not a noise-prediction loss. K is reported in bits per 2-D
+three entropy terms, Appendix B), not a noise-prediction loss; as in Sec. 2.4.1, beta_1 is a
+small constant and beta_2..T are learned by gradient ascent on K, too. K is reported in bits per 2-D
 sample next to the paper's Table 1, with the exact log likelihood of the data beside it as the
 ceiling no model can pass.
 
-    python 04_sohl_dickstein_swissroll.py --preset cpu     # about 30 s on a 2-core CPU
+    python 04_sohl_dickstein_swissroll.py --preset cpu     # under a minute on a 2-core CPU
 
 Writes to runs/04_sohl_dickstein_swissroll/: config.json, ckpt.pt, metrics.json (K and K - L_null
 in bits, the data's own log likelihood, sliced Wasserstein / MMD of samples to fresh data beside
 the real-vs-real floor, wall times), samples.pt, samples.png, loss.png (-K in bits during
 training), figure1.png (the paper's Figure 1: forward and reverse trajectories at t = 0, T/2, T
-and the drift mu(x_t, t) - x_t), variance.png (learned reverse variance against beta_t),
+and the drift mu(x_t, t) - x_t), variance.png (learned reverse variance against the learned
+forward beta_t),
 reverse_chain.gif.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -45,10 +48,11 @@ PAPER_TABLE1_BITS = {"K": 2.35, "K_minus_L_null": 6.45}  # Table 1, Swiss roll, 
 @dataclass
 class Config:
     T: int = 40  # trajectory length; paper: 40 for the Swiss roll (App. D.1.1)
-    step1_beta: float = 1e-3  # added to beta_1 (reference code's `step1_beta`, its default 1e-3)
-    # jitter of the roll in raw units (arms ~6.3 apart; 0.15 after scaling), not stated in the paper:
-    # about sqrt(beta_1) after scaling, the thinnest structure this model can draw (its last step
-    # adds fixed noise of variance beta_1, App. B.2)
+    schedule: str = "learned"  # paper: beta_2..T learned on K (Sec. 2.4.1); the code: "fixed"
+    beta1: float = 1e-3  # paper: "a small constant" (Sec. 2.4.1); the code: 1/T + 1e-3 = 0.026
+    # jitter of the roll in raw units (arms ~6.3 apart; 0.15 after scaling), not in the paper;
+    # the model's last step adds fixed noise of variance beta_1 (App. B.2), so sqrt(beta_1) should
+    # stay below it
     roll_noise: float = 1.0
     trunk: str = "rbf"  # paper: a normalized RBF network; "mlp" swaps in a tanh MLP, same per-step readouts
     hidden: int = 16  # paper: 16 RBF units
@@ -62,8 +66,8 @@ class Config:
 
 PRESETS = {
     "smoke": Config(steps=300, batch=256, ema=0.9, n_eval=500, gif_stride=10),
-    "cpu": Config(),
-    "gpu": Config(steps=20000, batch=1024, ema=0.999, n_eval=20000),
+    "cpu": Config(hidden=64, gif_stride=2),  # paper: 16 RBF units
+    "gpu": Config(hidden=64, steps=20000, batch=1024, ema=0.999, n_eval=20000),  # paper: 16
 }
 
 
@@ -74,6 +78,9 @@ def parse_args(argv):
     parser.add_argument("--trunk", choices=["rbf", "mlp"], help="shared layers: the paper's normalized RBF "
                         "network or a tanh MLP (default: rbf)")
     parser.add_argument("--hidden", type=common.positive_int, help="RBF units / MLP width (default: 16)")
+    parser.add_argument("--schedule", choices=["learned", "fixed"],
+                        help="beta_2..T learned on K (the paper) or fixed (default: learned)")
+    parser.add_argument("--beta1", type=common.positive_float, help="beta_1 (default: 0.001)")
     return parser.parse_args(argv)
 
 
@@ -89,6 +96,7 @@ TAU_LO, TAU_HI = 1.5 * math.pi, 4.5 * math.pi
 _TAU_GRID = TAU_LO + (TAU_HI - TAU_LO) * (np.arange(4096) + 0.5) / 4096  # midpoint rule for E over tau
 
 
+@functools.lru_cache
 def roll_scaling(noise: float) -> tuple[np.ndarray, float]:
     """Mean m and one isotropic scale s with E|s (x - m)|^2 = D: the reference code's scaling
     (zero mean, unit variance per coordinate on average), under which L_null = -D/2 log(2 pi e)."""
@@ -119,15 +127,16 @@ def data_log_density(x: np.ndarray, noise: float) -> np.ndarray:
 # -- the method: forward process, posterior, bound K, reverse sampler -----------------------
 
 
-def beta_schedule(T: int, step1_beta: float) -> torch.Tensor:
-    """beta_1..T as the authors' code builds it: a baseline that removes a constant fraction of the
-    *remaining* data variance each step, beta_t = 1 / (T - (t-1)(T-2)/(T-1)) (from 1/T to 1/2, so
-    that about 1/T of the variance is left at t = T), kept in [min_beta, 1), with step1_beta added
-    to beta_1 as the floor of the model's last step. The paper learns beta_2..T (Sec. 2.4.1)."""
-    baseline = 1.0 / torch.linspace(T, 2.0, T, dtype=torch.float64)
-    min_beta = torch.full((T,), 1e-6, dtype=torch.float64)
-    min_beta[0] += step1_beta
-    return (min_beta + baseline * (1 - min_beta - 1e-5)).float()
+def beta_schedule(T: int, beta1: float, theta: torch.Tensor | None = None) -> torch.Tensor:
+    """beta_1..T of the forward kernel (Eq. 2, Table App.1). beta_1 is the fixed small constant of
+    Sec. 2.4.1; beta_2..T are sigmoid(logit b_t + theta_t) around the authors' code's baseline
+    b_t = 1 / (T - (t-1)(T-2)/(T-1)) (from 1/T to 1/2: each step removes the same fraction of the
+    variance still left, about 1/T of it survives to t = T). theta = 0 is that fixed schedule;
+    the paper learns theta by gradient ascent on K (Sec. 2.4.1)."""
+    baseline = 1.0 / torch.linspace(T, 2.0, T, dtype=torch.float32)[1:]
+    theta = torch.zeros(T - 1) if theta is None else theta
+    rest = torch.sigmoid(torch.logit(baseline) + theta)
+    return torch.cat([torch.full((1,), beta1, dtype=rest.dtype), rest])
 
 
 def alpha_bar(beta: torch.Tensor) -> torch.Tensor:
@@ -222,8 +231,11 @@ class ReverseModel(nn.Module):
     so the sigmoid keeps the variance in (0, 1) and zero readouts give the exact reversal of
     diffusion on N(0, I) data, for which K = L_null."""
 
-    def __init__(self, T: int, trunk: str = "rbf", hidden: int = 16):
+    def __init__(self, T: int, trunk: str = "rbf", hidden: int = 16, beta1: float = 1e-3,
+                 learn_schedule: bool = True):
         super().__init__()
+        self.T, self.beta1 = T, beta1
+        self.theta = nn.Parameter(torch.zeros(T - 1), requires_grad=learn_schedule)  # of beta_2..T
         self.trunk = trunk
         if trunk == "rbf":  # normalized RBF: softmax over -|x - c_j|^2 / (2 w_j^2)
             self.centers = nn.Parameter(torch.randn(hidden, D))
@@ -233,6 +245,9 @@ class ReverseModel(nn.Module):
         self.readout_w = nn.Parameter(torch.zeros(T, hidden, 2 * D))
         self.readout_b = nn.Parameter(torch.zeros(T, 2 * D))
 
+    def beta(self) -> torch.Tensor:
+        return beta_schedule(self.T, self.beta1, self.theta)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.trunk == "rbf":
             d2 = torch.cdist(x, self.centers).pow(2)
@@ -240,7 +255,9 @@ class ReverseModel(nn.Module):
         return self.mlp(x)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, beta: torch.Tensor):
-        z = torch.einsum("nh,nho->no", self.features(x), self.readout_w[t - 1]) + self.readout_b[t - 1]
+        w = self.readout_w.transpose(0, 1).flatten(1)  # every step's readout in one matmul
+        z = (self.features(x) @ w).view(len(x), self.T, 2 * D)[torch.arange(len(x)), t - 1]
+        z = z + self.readout_b[t - 1]
         z_mu, z_sigma = z.chunk(2, dim=-1)
         b = beta[t - 1][:, None]
         return (1 - b).sqrt() * x + b.sqrt() * z_mu, torch.sigmoid(z_sigma + torch.logit(b))
@@ -249,9 +266,10 @@ class ReverseModel(nn.Module):
 # -- training loop: gradient ascent on K (Sec. 2.4) -----------------------------------------
 
 
-def train(model, ema, opt, state: dict, cfg: Config, beta: torch.Tensor, seed: int, save) -> list[float]:
+def train(model, ema, opt, state: dict, cfg: Config, seed: int, save) -> list[float]:
     """Maximise K on fresh Swiss-roll batches; returns -K per step in bits. One t per example
-    (the reference code draws one t per minibatch)."""
+    (the reference code draws one t per minibatch). A learned schedule gets its gradient through
+    the frozen noise of q_sample (Sec. 2.4.1)."""
     losses = state.setdefault("losses", [])
     bar = tqdm(range(state["step"], cfg.steps), desc="train -K (bits)", mininterval=1.0)
     try:
@@ -260,7 +278,7 @@ def train(model, ema, opt, state: dict, cfg: Config, beta: torch.Tensor, seed: i
             t = torch.randint(2, cfg.T + 1, (cfg.batch,))
             for group in opt.param_groups:  # cosine decay (the reference code decays its lr, too)
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            loss = -bound_K(model, x0, t, beta, torch.randn_like(x0)).mean() / math.log(2)
+            loss = -bound_K(model, x0, t, model.beta(), torch.randn_like(x0)).mean() / math.log(2)
             common.check_finite(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -372,6 +390,7 @@ def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int, out, times: dict
     return {
         "K_bits": K,
         "K_cap_from_beta1_bits": bits(entropy_terms(beta)),
+        "beta": beta.tolist(),
         "K_minus_L_null_bits": K - L_null,
         "L_null_bits": L_null,
         "data_log_likelihood_bits": L_data,
@@ -388,30 +407,37 @@ def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int, out, times: dict
     }
 
 
+def resolve_config(args, preset: str) -> tuple[Config, dict | None]:
+    """The preset with the flags given; with --resume or --sample-only, the checkpoint's config
+    (only --steps may change, on --resume), refusing flags that contradict it."""
+    given = {k: getattr(args, k) for k in ("steps", "lr", "trunk", "hidden", "schedule", "beta1")}
+    cfg = replace(PRESETS[preset], **{k: v for k, v in given.items() if v is not None})
+    if not (args.resume or args.sample_only):
+        return cfg, None
+    ckpt = common.load_checkpoint(args.out / "ckpt.pt")
+    saved = Config(**ckpt["config"])
+    clash = [f"--{k} {getattr(saved, k)}" for k in ("trunk", "hidden", "schedule", "beta1")
+             if given[k] is not None and given[k] != getattr(saved, k)]
+    if clash:
+        raise common.UserError(f"the checkpoint in {args.out} was trained with {', '.join(clash)}; "
+                               "pass the same values or another --out")
+    return (replace(saved, steps=cfg.steps) if args.resume else saved), ckpt
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = common.get_device(args.device)
     if device.type != "cpu":
         print(f"a 2-D model this small is fastest on the CPU; ignoring --device {device}")
     preset = common.resolve_preset(args.preset, device)
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "trunk", "hidden")}
-    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     torch.set_num_threads(1)  # tensors of a few thousand 2-D points: one thread is fastest
     common.seed_everything(args.seed)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-
-    ckpt = common.load_checkpoint(out / "ckpt.pt") if (args.resume or args.sample_only) else None
-    if ckpt is not None:
-        saved = Config(**ckpt["config"])
-        if (saved.T, saved.trunk, saved.hidden) != (cfg.T, cfg.trunk, cfg.hidden):
-            raise common.UserError(f"the checkpoint in {out} was trained with T={saved.T}, --trunk {saved.trunk}, "
-                                   f"--hidden {saved.hidden}; pass the same values or another --out")
-        cfg = replace(saved, steps=cfg.steps) if args.resume else saved
+    cfg, ckpt = resolve_config(args, preset)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
 
-    beta = beta_schedule(cfg.T, cfg.step1_beta)
-    model = ReverseModel(cfg.T, cfg.trunk, cfg.hidden)
+    model = ReverseModel(cfg.T, cfg.trunk, cfg.hidden, cfg.beta1, cfg.schedule == "learned")
     ema = common.make_ema(model, cfg.ema)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"step": 0, "losses": []}
@@ -432,15 +458,19 @@ def main(argv=None) -> dict:
     if not args.sample_only:
         if state["step"] == 0:
             x_init = torch.from_numpy(swiss_roll(cfg.n_eval, args.seed + 999_983, cfg.roll_noise))
-            K_init = float(bound_K_full(model, x_init, beta, torch.Generator().manual_seed(0)).mean()) / math.log(2)
+            gen = torch.Generator().manual_seed(0)
+            K_init = bound_K_full(model, x_init, model.beta().detach(), gen)
+            K_init = float(K_init.mean()) / math.log(2)
         t0, step0 = time.perf_counter(), state["step"]
-        train(model, ema, opt, state, cfg, beta, args.seed, save)
+        train(model, ema, opt, state, cfg, args.seed, save)
         times["train_s"] = time.perf_counter() - t0
         times["steps_per_s"] = (state["step"] - step0) / max(times["train_s"], 1e-9)
         save()
         common.plot_loss(state["losses"], out / "loss.png", title="-K (bits per sample), lower is better")
 
     t0 = time.perf_counter()
+    with torch.no_grad():
+        beta = ema.module.beta()
     metrics = evaluate(ema.module, cfg, beta, args.seed, out, times)
     times["eval_s"] = time.perf_counter() - t0
     metrics = {"preset": preset, "steps": state["step"], "K_bits_at_init": K_init, **metrics, **times}

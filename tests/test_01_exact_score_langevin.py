@@ -131,7 +131,7 @@ def test_resume_is_refused_and_bad_flags_fail(tmp_path):
 
 
 def test_vp_kernel_solves_the_moment_equations_of_the_sde():
-    # Eq. 11 gives d log m / dt = -beta / 2 and d std^2 / dt = beta (1 - std^2); Eq. 29 must obey both.
+    # Eq. 11 gives d log m / dt = -beta / 2 and d std^2 / dt = beta (1 - std^2); Eq. 29 obeys both.
     sde, h = m.VPSDE(), 1e-6
     for t in (0.05, 0.3, 0.7, 0.95):
         dlogm = (sde.log_mean_coeff(t + h) - sde.log_mean_coeff(t - h)) / (2 * h)
@@ -151,9 +151,10 @@ def test_perturbed_score_is_the_gradient_of_the_convolved_density(t):
     log_p0 = m.log_prob(grid, mix) + 2 * torch.log(g[1] - g[0])
     mean, std = sde.mean_coeff(t), sde.std(t)
     gen = torch.Generator().manual_seed(0)
-    x = mean * m.sample_mixture(mix, 12, gen) + std * torch.randn(12, 2, generator=gen, dtype=torch.float64)
-    x.requires_grad_(True)
-    kernel = -((x[:, None] - mean * grid[None]) ** 2).sum(-1) / (2 * std**2) - math.log(2 * math.pi * std**2)
+    z = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    x = (mean * m.sample_mixture(mix, 12, gen) + std * z).requires_grad_(True)
+    sq = ((x[:, None] - mean * grid[None]) ** 2).sum(-1)
+    kernel = -sq / (2 * std**2) - math.log(2 * math.pi * std**2)
     log_pt = torch.logsumexp(log_p0[None] + kernel, dim=1)
     (autograd,) = torch.autograd.grad(log_pt.sum(), x)
     p_t = m.perturbed_mixture(mix, sde, t)
@@ -183,11 +184,12 @@ def test_exact_divergence_of_a_linear_map_is_its_trace():
 
 
 def swd_over_floor(x: np.ndarray, truth, batches: int) -> float:
-    """Sliced W2 of `batches` equal chunks of x, each to its own truth draw, over the mean of as many
-    real-vs-real pairs: averaging over 4 chunks halves the ratio's noise (one sd ~0.25 at 1 chunk)."""
+    """Sliced W2 of `batches` equal chunks of x, each to its own truth draw, over the mean of as
+    many real-vs-real pairs: 4 chunks halve the ratio's noise (one sd ~0.25 for a single chunk)."""
     chunks = np.split(x, batches)
     n = len(chunks[0])
-    swd = np.mean([common.sliced_wasserstein(c, truth(n, 500 + r), seed=r) for r, c in enumerate(chunks)])
+    swd = np.mean([common.sliced_wasserstein(c, truth(n, 500 + r), seed=r)
+                   for r, c in enumerate(chunks)])
     floor = np.mean([common.sliced_wasserstein(truth(n, 600 + r), truth(n, 700 + r), seed=r)
                      for r in range(batches)])
     return swd / floor

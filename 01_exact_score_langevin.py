@@ -13,14 +13,25 @@ convolved mixture is still a mixture, so its score is still exact. MALA (the sam
 Metropolis-Hastings test) removes the discretisation bias of the fixed step, but not the
 weight error of the plain chain: that one is about mixing, not about the step.
 
-    python 01_exact_score_langevin.py                # --preset cpu, about 15 s on a laptop CPU
+The bridge to 06 (Song et al. 2021, "Score-Based Generative Modeling through Stochastic
+Differential Equations", arXiv:2011.13456): under the VP SDE (Eq. 11, the paper's beta_min 0.1,
+beta_max 20) every component of the mixture stays Gaussian (Eq. 29), so the score of p_t is exact
+at every t, and the samplers of 06 run here without a network: the reverse-time SDE (Eq. 6) by
+Euler-Maruyama and the probability flow ODE (Eq. 13) by RK45, both from the same x(T) ~ N(0, I),
+and the ODE's exact log-likelihood (Appendix D.2, with the exact divergence of the 2-D drift)
+against the mixture's true log-density. VP rather than VE: the VE kernel turns the mixture into
+q_sigma, the very path annealed Langevin already walks.
+
+    python 01_exact_score_langevin.py                # --preset cpu, about a minute on 2 cores
 
 Writes to runs/01_exact_score_langevin/: config.json, metrics.json (per sampler: sliced
 Wasserstein and MMD to fresh ground truth beside the real-vs-real floor, recovered mixture
 weights, within-mode spread), samples.pt (a dict sampler name -> (N, 2) tensor), samples.png
 (each sampler over the truth), score_field.png (density contours and the score as arrows at
-three noise levels), weights.png (the weight bar chart), annealed_langevin.gif. Nothing is
-trained here, so there is no ckpt.pt and no loss.png.
+three noise levels), weights.png (the weight bar chart), annealed_langevin.gif,
+sde_ode_trajectories.png (SDE and ODE paths from the same x(T)); metrics.json also holds the
+ODE log-likelihood's error ("ode_likelihood"). Nothing is trained here, so there is no ckpt.pt
+and no loss.png.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy import integrate
 from tqdm import tqdm
 
 import common
@@ -59,10 +71,20 @@ class Config:
     T: int = 100  # steps per noise level (paper 100)
     eps: float = 2e-5  # alpha_i = eps sigma_i^2 / sigma_L^2, so alpha_i / sigma_i^2 = 0.2 (paper 2e-5)
     gif_frames: int = 40
+    # score SDEs (Song et al. 2021) on the same mixture: the VP SDE with the paper's beta range
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    sde_steps: int = 1000  # Euler-Maruyama steps of the reverse SDE (paper N = 1000)
+    sde_eps: float = 1e-3  # sampling ends at t = eps (paper 1e-3)
+    ode_tol: float = 1e-5  # RK45 rtol = atol (paper 1e-5)
+    likelihood_eps: float = 1e-5  # the likelihood integral starts at t = eps (paper 1e-5)
+    likelihood_points: int = 500  # fresh mixture draws whose log-density the ODE computes
+    trajectories: int = 16  # particles drawn in sde_ode_trajectories.png
 
 
 PRESETS = {
-    "smoke": Config(n_samples=1000, n_steps=400, n_levels=50, T=40, gif_frames=4),
+    "smoke": Config(n_samples=1000, n_steps=400, n_levels=50, T=40, gif_frames=4,
+                    sde_steps=250, likelihood_points=200),
     "cpu": Config(),
     "gpu": Config(n_samples=20000, n_steps=4000, n_levels=200),
 }
@@ -201,6 +223,125 @@ def annealed_mala(x, log_prob_and_score_fn, sigmas, eps: float, T: int, generato
     return x, float(np.mean(rates))
 
 
+# -- the same mixture under the VP SDE (Song et al. 2021, arXiv:2011.13456) ---------------------
+
+
+@dataclass(frozen=True)
+class VPSDE:
+    """Variance preserving SDE dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw on t in [0, T = 1]
+    (Eq. 11), beta(t) = beta_min + t (beta_max - beta_min) (Eq. 32; the paper's 0.1 and 20)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+
+    def beta(self, t: float) -> float:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_mean_coeff(self, t: float) -> float:
+        """log m(t) = -1/2 int_0^t beta(s) ds."""
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def mean_coeff(self, t: float) -> float:
+        return math.exp(self.log_mean_coeff(t))
+
+    def std(self, t: float) -> float:
+        """std(t) = sqrt(1 - e^{-int_0^t beta}) (Eq. 29)."""
+        return math.sqrt(-math.expm1(2 * self.log_mean_coeff(t)))
+
+    def sde(self, x: torch.Tensor, t: float):
+        """f(x, t) = -beta(t) x / 2 and g(t) = sqrt(beta(t)) (Eq. 11)."""
+        return -0.5 * self.beta(t) * x, math.sqrt(self.beta(t))
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, I), the prior p_T, summed over the last dimension."""
+        return -0.5 * z.shape[-1] * math.log(2 * math.pi) - 0.5 * z.pow(2).sum(-1)
+
+
+def perturbed_mixture(mix: Mixture, sde: VPSDE, t: float) -> Mixture:
+    """p_t, the mixture pushed through the kernel p_0t(x(t) | x(0)) = N(m(t) x(0), std(t)^2 I)
+    (Eq. 29): component k becomes N(m mu_k, m^2 Sigma_k + std^2 I), its weight unchanged."""
+    m, std = sde.mean_coeff(t), sde.std(t)
+    eye = torch.eye(2, dtype=mix.covs.dtype, device=mix.covs.device)
+    return Mixture(mix.weights, m * mix.means, m**2 * mix.covs + std**2 * eye)
+
+
+def reverse_drift(score_fn, sde: VPSDE, x: torch.Tensor, t: float, probability_flow=False):
+    """Drift of the reverse-time SDE f - g^2 s (Eq. 6), or of the probability flow ODE
+    f - g^2 s / 2 (Eq. 13); score_fn(x, t) = grad_x log p_t(x). Returns the drift and g(t)."""
+    f, g = sde.sde(x, t)
+    return f - g**2 * score_fn(x, t) * (0.5 if probability_flow else 1.0), g
+
+
+def sample_sde(score_fn, sde: VPSDE, x: torch.Tensor, n_steps: int, eps: float, generator=None,
+               record=None) -> torch.Tensor:
+    """The reverse-time SDE dx = [f - g^2 s] dt + g dw (Eq. 6) from x = x(T) down to t = eps by
+    Euler-Maruyama: x <- x - [f - g^2 s] dt + g sqrt(dt) z. record(t, x), if given, sees x(T)
+    and the points after every step."""
+    dt = (sde.T - eps) / n_steps
+    if record is not None:
+        record(sde.T, x)
+    for i in range(n_steps):
+        t = sde.T - i * dt
+        drift, g = reverse_drift(score_fn, sde, x, t)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x = x - drift * dt + g * math.sqrt(dt) * z
+        if record is not None:
+            record(t - dt, x)
+    return x
+
+
+def sample_ode(score_fn, sde: VPSDE, x: torch.Tensor, eps: float, rtol: float, atol: float,
+               record=None):
+    """The probability flow ODE dx/dt = f - g^2 s / 2 (Eq. 13) from x = x(T) back to t = eps by
+    RK45 (scipy's solve_ivp). Returns x(eps) and the number of drift evaluations (NFE);
+    record(t, x), if given, sees the points at every step the solver accepted."""
+
+    def rhs(t, y):
+        xt = torch.from_numpy(y).reshape(x.shape).to(x)
+        drift, _ = reverse_drift(score_fn, sde, xt, t, probability_flow=True)
+        return drift.double().flatten().cpu().numpy()
+
+    y0 = x.double().flatten().cpu().numpy()
+    sol = integrate.solve_ivp(rhs, (sde.T, eps), y0, method="RK45", rtol=rtol, atol=atol)
+    if record is not None:
+        for t, y in zip(sol.t, sol.y.T):
+            record(float(t), torch.from_numpy(y).reshape(x.shape).to(x))
+    return torch.from_numpy(sol.y[:, -1]).reshape(x.shape).to(x), sol.nfev
+
+
+def exact_divergence(fn, x: torch.Tensor):
+    """div fn(x) = sum_i d fn_i / d x_i exactly, one vector-Jacobian product per dimension (two in
+    2-D, where the Hutchinson estimate of Appendix D.2 is not needed). Returns fn(x), div."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        out = fn(x)
+        div = sum(torch.autograd.grad(out[:, i].sum(), x, retain_graph=True)[0][:, i]
+                  for i in range(x.shape[1]))
+    return out.detach(), div.detach()
+
+
+def ode_log_likelihood(score_fn, sde: VPSDE, x: torch.Tensor, eps: float, rtol: float,
+                       atol: float, prior_logp=None):
+    """log p_eps(x) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt, f~ the probability flow drift
+    (Eq. 13): the instantaneous change of variables (Appendix D.2, Eq. 39), x and the integral
+    carried forward together by RK45 with the exact divergence. prior_logp(z) defaults to
+    sde.prior_logp, N(0, I). Returns log p (nats, shape (N,)), x(T) and the NFE."""
+    n = len(x)
+
+    def rhs(t, y):
+        xt = torch.from_numpy(y[:-n]).reshape(x.shape).to(x)
+        flow = lambda z: reverse_drift(score_fn, sde, z, t, probability_flow=True)[0]
+        drift, div = exact_divergence(flow, xt)
+        return np.concatenate([drift.double().flatten().cpu().numpy(), div.double().cpu().numpy()])
+
+    y0 = np.concatenate([x.double().flatten().cpu().numpy(), np.zeros(n)])
+    sol = integrate.solve_ivp(rhs, (eps, sde.T), y0, method="RK45", rtol=rtol, atol=atol)
+    z = torch.from_numpy(sol.y[:-n, -1]).reshape(x.shape).to(x)
+    delta = torch.from_numpy(sol.y[-n:, -1]).to(x)
+    return (prior_logp or sde.prior_logp)(z) + delta, z, sol.nfev
+
+
 # -- evaluation and figures ------------------------------------------------------------------
 
 
@@ -270,6 +411,50 @@ def plot_weights(true_w, found: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_trajectories(mix: Mixture, sde: VPSDE, paths: dict, path, lim: float) -> None:
+    """The same x(T) ~ N(0, I) taken to t = eps by the reverse SDE and by the probability flow
+    ODE: in the plane over log p_0, and the first coordinate against t over the density of p_t."""
+    plt = common._plt()
+    colors = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    g = torch.linspace(-lim, lim, 200)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    logp = log_prob(grid, mix).reshape(200, 200)
+    titles = {"sde": "reverse-time SDE (Eq. 6), Euler-Maruyama",
+              "ode": "probability flow ODE (Eq. 13), RK45"}
+    for ax, (kind, title) in zip(axes[:2], titles.items()):
+        ax.contourf(g, g, logp.clamp_min(logp.max() - 12), levels=12, cmap="Greys", alpha=0.5)
+        xs = np.stack([x for _, x in paths[kind]])  # (steps, particles, 2)
+        for j in range(xs.shape[1]):
+            lw = 0.5 if kind == "sde" else 1.5
+            ax.plot(xs[:, j, 0], xs[:, j, 1], color=colors(j % 20), lw=lw)
+        ax.scatter(xs[0, :, 0], xs[0, :, 1], s=25, c="k", zorder=3, label="x(T) ~ N(0, I)")
+        ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=40, c="w", edgecolors="k", marker="*", zorder=3,
+                   label="x(eps)")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, aspect="equal")
+        ax.legend(fontsize=8, loc="lower center")
+    ts, x1 = torch.linspace(sde.T, 0, 200), torch.linspace(-lim, lim, 300)
+    normal = lambda mu, var: torch.exp(-0.5 * (x1 - mu) ** 2 / var) / (2 * math.pi * var) ** 0.5
+    p_t = [perturbed_mixture(mix, sde, t) for t in ts.tolist()]
+    dens = torch.stack([sum(w * normal(mu[0], c[0, 0]) for w, mu, c in zip(*p)) for p in p_t])
+    ax = axes[2]
+    ax.imshow(dens.T.sqrt(), origin="lower", aspect="auto", cmap="Greys",
+              extent=(sde.T, 0, -lim, lim))
+    for kind, style in (("sde", dict(lw=0.6)), ("ode", dict(lw=1.8, ls="--"))):
+        t = np.array([t for t, _ in paths[kind]])
+        xs = np.stack([x for _, x in paths[kind]])
+        for j in range(xs.shape[1]):
+            ax.plot(t, xs[:, j, 0], color=colors(j % 20), **style)
+    ax.plot([], [], "k-", lw=0.6, label="SDE")
+    ax.plot([], [], "k--", lw=1.8, label="ODE")
+    ax.set(xlim=(sde.T, 0), ylim=(-lim, lim), xlabel="t (from T = 1 to eps)", ylabel="x_1",
+           title="first coordinate against t over the density of p_t(x_1) (VP SDE)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = torch.get_num_threads()
@@ -280,7 +465,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
 
 
-def run(args) -> dict:
+def configure(args):
+    """The preset with the flags given on top of it; writes config.json. Returns cfg, preset."""
     if args.resume:
         raise common.UserError("this script trains nothing, so there is nothing to --resume; run it without")
     device = common.get_device(args.device)
@@ -290,15 +476,74 @@ def run(args) -> dict:
     overrides = {f: getattr(args, f) for f in ("components", "n_samples", "step", "n_steps", "T", "eps")}
     cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     common.seed_everything(args.seed)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = {"preset": preset, "seed": args.seed, **asdict(cfg)}
+    common.write_json(args.out / "config.json", config)
+    return cfg, preset
 
+
+def make_samplers(cfg, mix, x0, sigmas, gen, record, sde, x_T, gen_T) -> dict:
+    """name: (run, number of steps); run() returns the points and a dict of extras. The Langevin
+    chains start from x0, the reverse SDE and the probability flow ODE from x_T ~ N(0, I)."""
+    coarse = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.coarse_levels)
+    total = cfg.n_levels * cfg.T
+    exact_score = lambda y, sigma=0.0: score(y, mix, sigma)
+    exact_both = lambda y, sigma=0.0: log_prob_and_score(y, mix, sigma)
+    score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
+    rate = lambda out: (out[0], {"accept_rate": out[1]})
+    no_rate = lambda x: (x, {"accept_rate": None})
+    ode = lambda out: (out[0], {"nfe": out[1]})
+    return {
+        "Langevin": (lambda: no_rate(langevin(x0, exact_score, cfg.step, cfg.n_steps, gen)),
+                     cfg.n_steps),
+        "MALA": (lambda: rate(mala(x0, exact_both, cfg.step, cfg.n_steps, gen)), cfg.n_steps),
+        f"annealed Langevin, L={cfg.coarse_levels}": (
+            lambda: no_rate(annealed_langevin(x0, exact_score, coarse, cfg.eps, cfg.T, gen)),
+            cfg.coarse_levels * cfg.T),
+        "annealed Langevin": (
+            lambda: no_rate(annealed_langevin(x0, exact_score, sigmas, cfg.eps, cfg.T, gen,
+                                              record)),
+            total),
+        "annealed MALA": (lambda: rate(annealed_mala(x0, exact_both, sigmas, cfg.eps, cfg.T, gen)),
+                          total),
+        "VP SDE, Euler-Maruyama": (
+            lambda: (sample_sde(score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, gen_T), {}),
+            cfg.sde_steps),
+        "VP prob. flow ODE, RK45": (
+            lambda: ode(sample_ode(score_t, sde, x_T, cfg.sde_eps, cfg.ode_tol, cfg.ode_tol)),
+            None),
+    }
+
+
+def likelihood_report(cfg, mix: Mixture, sde: VPSDE, x: torch.Tensor) -> dict:
+    """log p(x) through the probability flow ODE (Appendix D.2) against the true log-density of
+    the mixture, in float64, with the exact prior p_T (the mixture at T, so only the ODE solve
+    errs) and with the paper's N(0, I) (p_T is not exactly N(0, I): m(1) = 0.0066)."""
+    mix, x = Mixture(*(v.double() for v in mix)), x.double()
+    score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
+    log_p_T = lambda z: log_prob(z, perturbed_mixture(mix, sde, sde.T))
+    t0 = time.perf_counter()
+    logp, z, nfe = ode_log_likelihood(score_t, sde, x, cfg.likelihood_eps, cfg.ode_tol, cfg.ode_tol,
+                                      prior_logp=log_p_T)
+    seconds = time.perf_counter() - t0
+    err = logp - log_prob(x, mix)
+    err_normal_prior = err + sde.prior_logp(z) - log_p_T(z)
+    return {"n": len(x), "mean_log_p": log_prob(x, mix).mean().item(),
+            "mae_nats": err.abs().mean().item(), "max_abs_error_nats": err.abs().max().item(),
+            "mae_nats_normal_prior": err_normal_prior.abs().mean().item(),
+            "nfe": nfe, "seconds": seconds}
+
+
+def run(args) -> dict:
+    cfg, preset = configure(args)
+    out = args.out
     mix = make_mixture(cfg.components, cfg.radius)
     gen = torch.Generator().manual_seed(args.seed)
     truth = lambda n, seed: sample_mixture(mix, n, torch.Generator().manual_seed(seed)).numpy()
     x0 = (torch.rand(cfg.n_samples, 2, generator=gen) * 2 - 1) * cfg.box
     sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
+    sde, gen_T = VPSDE(cfg.beta_min, cfg.beta_max), torch.Generator().manual_seed(args.seed + 1)
+    x_T = torch.randn(cfg.n_samples, 2, generator=gen_T)  # the prior p_T ~ N(0, I)
 
     frames, titles = [], []
     total = cfg.n_levels * cfg.T
@@ -309,26 +554,16 @@ def run(args) -> dict:
             frames.append(x[:1000].numpy().copy())
             titles.append(f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = {sigmas[i]:.3g}")
 
-    coarse = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.coarse_levels)
-    exact_score = lambda y, sigma=0.0: score(y, mix, sigma)
-    exact_both = lambda y, sigma=0.0: log_prob_and_score(y, mix, sigma)
-    samplers = {  # name: (run, number of steps); every chain starts from the same x0
-        "Langevin": (lambda: (langevin(x0, exact_score, cfg.step, cfg.n_steps, gen), None), cfg.n_steps),
-        "MALA": (lambda: mala(x0, exact_both, cfg.step, cfg.n_steps, gen), cfg.n_steps),
-        f"annealed Langevin, L={cfg.coarse_levels}": (
-            lambda: (annealed_langevin(x0, exact_score, coarse, cfg.eps, cfg.T, gen), None), cfg.coarse_levels * cfg.T),
-        "annealed Langevin": (
-            lambda: (annealed_langevin(x0, exact_score, sigmas, cfg.eps, cfg.T, gen, record=record), None), total),
-        "annealed MALA": (lambda: annealed_mala(x0, exact_both, sigmas, cfg.eps, cfg.T, gen), total),
-    }
+    samplers = make_samplers(cfg, mix, x0, sigmas, gen, record, sde, x_T, gen_T)
     t_start = time.perf_counter()
     results, samples = {}, {}
     for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
         t0 = time.perf_counter()
-        samples[name], rate = sample_fn()
+        samples[name], extras = sample_fn()
         common.check_finite(samples[name], 0)
         seconds = time.perf_counter() - t0
-        results[name] = {"accept_rate": rate, "seconds": seconds, "steps_per_s": n_steps / seconds}
+        steps_per_s = (n_steps or extras["nfe"]) / seconds
+        results[name] = {**extras, "seconds": seconds, "steps_per_s": steps_per_s}
     t_eval = time.perf_counter()
     reports = distance_reports({name: x.numpy() for name, x in samples.items()}, truth, seed=args.seed)
     for name, x in samples.items():
@@ -339,16 +574,29 @@ def run(args) -> dict:
         print(f"{name:24s} sliced W2 {results[name]['swd']:.3f} (floor {results[name]['swd_floor']:.3f})  weights "
               f"{np.round(w, 3).tolist()} (true {np.round(mix.weights.double().numpy(), 3).tolist()})  "
               f"mode width x{results[name]['spread_ratio']:.3f}")
+    held_out = torch.from_numpy(truth(cfg.likelihood_points, args.seed + 9))
+    likelihood = likelihood_report(cfg, mix, sde, held_out)
+    print(f"ODE log-likelihood of {likelihood['n']} mixture draws: mean |error| "
+          f"{likelihood['mae_nats']:.2e} nats with the exact p_T, "
+          f"{likelihood['mae_nats_normal_prior']:.2e} with the prior N(0, I)")
     reference = truth(cfg.n_samples, args.seed + 7)
     metrics = {
         "preset": preset,
         "true_weights": mix.weights.tolist(),
         "weights_of_true_samples": recovered_weights(torch.from_numpy(reference), mix).tolist(),
         "samplers": results,
+        "ode_likelihood": likelihood,
         "sampling_s": t_eval - t_start,
         "evaluation_s": time.perf_counter() - t_eval,
     }
     torch.save({k: v.clone() for k, v in samples.items()}, out / "samples.pt")
+    write_figures(cfg, mix, sde, samples, results, reference, frames, titles, x_T, out)
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    common.write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def write_figures(cfg, mix, sde, samples, results, reference, frames, titles, x_T, out) -> None:
     lim = cfg.box
     shown = min(cfg.n_samples, 2000)  # fewer points, so that the density of each mode shows
     panels = {f"{k}\nweights {np.round(results[k]['weights'], 2).tolist()}": v[:shown].numpy()
@@ -358,9 +606,15 @@ def run(args) -> dict:
     plot_score_field(mix, [0.0, 1.0, 3.0], out / "score_field.png", lim)
     plot_weights(mix.weights.numpy(), {k: np.asarray(v["weights"]) for k, v in results.items()}, out / "weights.png")
     common.gif_points(out / "annealed_langevin.gif", frames, titles, truth=reference[:1000], lim=lim)
-    metrics["wall_time_s"] = time.perf_counter() - t_start
-    common.write_json(out / "metrics.json", metrics)
-    return metrics
+    score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
+    paths = {"sde": [], "ode": []}
+    gen = torch.Generator().manual_seed(0)
+    x_T = x_T[:cfg.trajectories]
+    sample_sde(score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, gen,
+               record=lambda t, x: paths["sde"].append((t, x.numpy().copy())))
+    sample_ode(score_t, sde, x_T, cfg.sde_eps, cfg.ode_tol, cfg.ode_tol,
+               record=lambda t, x: paths["ode"].append((t, x.numpy().copy())))
+    plot_trajectories(mix, sde, paths, out / "sde_ode_trajectories.png", lim)
 
 
 if __name__ == "__main__":

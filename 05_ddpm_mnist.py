@@ -200,8 +200,10 @@ def p_mean(xt, t, eps, S):
 
 
 def p_variance(S, sigma: str) -> torch.Tensor:
-    """sigma_t^2 (Sec. 3.2): beta_t or beta~_t. At t = 1 both use beta~_2, as the paper's code
-    does, because beta~_1 = 0 would make the decoder L_0 degenerate."""
+    """sigma_t^2 (Sec. 3.2): beta_t or beta~_t, with sigma_1^2 = beta~_2 for both, as in the
+    authors' code (diffusion_utils_2.py): "fixedlarge" sets its t = 1 log-variance to beta~_2
+    for a better decoder likelihood, "fixedsmall" clips log beta~_1 = log 0 to log beta~_2.
+    sigma_1 enters only the decoder L_0 (Algorithm 2 adds no noise at t = 1)."""
     var = (S["beta"] if sigma == "beta" else S["beta_tilde"]).clone()
     var[1] = S["beta_tilde"][2]
     return var
@@ -300,9 +302,10 @@ def prior_kl(x0, S):
 
 @torch.no_grad()
 def bound_bpd(eps_model, x0, S, strata: int, generator=None):
-    """Eq. 5 in bits/dim per image: L_T and L_0 exactly, sum_{t=2}^{T} L_{t-1} by stratified Monte
-    Carlo -- t in 2..T cut into `strata` contiguous strata, one uniform t per image in each, its term
-    weighted by the stratum's size: unbiased, and with strata = T - 1 exactly the full sum.
+    """Eq. 5 in bits/dim per image, unbiased: L_T in closed form; L_0 and every L_{t-1} at one
+    x_t ~ q(x_t | x_0) per image (one-sample Monte Carlo); sum_{t=2}^{T} L_{t-1} by stratified
+    Monte Carlo over t -- t in 2..T cut into `strata` contiguous strata, one uniform t per image
+    in each, its term weighted by the stratum's size; strata = T - 1 takes every t once.
     Returns {sigma: bits/dim per image} and the sampled (t, term) pairs of the first image."""
     T, n = len(S["beta"]) - 1, x0.shape[0]
     edges = torch.linspace(2, T + 1, strata + 1, dtype=torch.float64).round().long().tolist()
@@ -505,8 +508,10 @@ def run(args, dist, device) -> dict:
     bpd = common.all_gather_cat(bpd[:n_min].contiguous(), dist).cpu().double()
     exact = cfg.bound_strata == cfg.T - 1
     metrics["bound"] = {
-        "images": len(bpd), "strata": cfg.bound_strata, "estimator": "exact sum of all T terms" if exact else
-        "L_T and L_0 exact + stratified Monte Carlo over t = 2..T (unbiased); stderr over images",
+        "images": len(bpd), "strata": cfg.bound_strata, "estimator":
+        "L_T closed form + L_0 and L_{t-1} at one x_t ~ q each (unbiased) + "
+        + ("every t = 2..T" if exact else "stratified Monte Carlo over t = 2..T")
+        + "; stderr over images",
         "wall_s": time.perf_counter() - t0,
         **{f"bpd_sigma_{k}": bpd[:, i].mean().item() for i, k in enumerate(("beta", "posterior"))},
         **{f"bpd_sigma_{k}_stderr": (bpd[:, i].std() / math.sqrt(len(bpd))).item()

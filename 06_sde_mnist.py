@@ -64,7 +64,9 @@ class Config:
     warmup: int = 100
     lr_decay: bool = True  # cosine decay to 0 after warm-up (a short run ends on small steps); paper: constant
     grad_clip: float = 1.0  # paper 1.0
-    ema_decay: float = 0.999  # paper 0.9999 (VE) / 0.9999 (VP, sub-VP continuous)
+    # paper (App. H.1): 0.999 for VE (NCSN++), 0.9999 for VP and sub-VP (DDPM++); the gpu
+    # preset uses 0.9999 whatever the SDE
+    ema_decay: float = 0.999
     bf16: bool = True
     channels_last: bool = False
     compile: bool = False
@@ -73,7 +75,9 @@ class Config:
     n_samples: int = 500
     n_compare: int = 100  # samples per sampler in the comparison (the quality check uses as many)
     sample_batch: int = 100  # SDE samplers run in batches of this many (on a CPU, per image faster than 500 at once)
-    n_steps: int = 100  # N of EM / reverse diffusion / PC; paper 1000 (2000 for PC on VP)
+    # N of EM / reverse diffusion / PC; paper N = 1000 (Table 1 sets PC1000, 1000 predictor +
+    # 1000 corrector steps, beside P2000 and C2000 at the same NFE)
+    n_steps: int = 100
     snr: float = 0.16  # Langevin corrector signal-to-noise ratio r; paper 0.16 (VE, CIFAR-10)
     ode_tol: float = 1e-5  # rtol = atol of RK45 for sampling; paper 1e-5 (231 NFE here; 1e-3 takes 63 and
     # gave samples of the same quality on the cpu preset's network, see README)
@@ -163,7 +167,7 @@ def dequantize(pixels: torch.Tensor, generator=None) -> torch.Tensor:
 
 
 def largest_pairwise_distance(x: torch.Tensor, max_n: int = 10_000) -> float:
-    """sigma_max rule of thumb (Song & Ermon 2020, Technique 2): max_ij ||x_i - x_j||, on max_n images."""
+    """sigma_max by Song & Ermon 2020, Technique 1: max_ij ||x_i - x_j||, on max_n images."""
     flat = x[:max_n].flatten(1)
     return max(float(torch.cdist(flat[i:i + 1000], flat).max()) for i in range(0, len(flat), 1000))
 
@@ -196,7 +200,7 @@ class SDE:
         return -0.5 * d * math.log(2 * math.pi * var) - z.flatten(1).pow(2).sum(1) / (2 * var)
 
     def discretize(self, x, t, dt):
-        """x_{i+1} = x_i + f_i(x_i) + G_i z_i; Euler-Maruyama by default (Appendix E)."""
+        """x_{i+1} = x_i + f_i(x_i) + G_i z_i (Eq. 45); Euler-Maruyama by default."""
         drift, g = self.sde(x, t)
         return drift * dt, g * math.sqrt(dt)
 
@@ -223,7 +227,8 @@ class VESDE(SDE):
         return self.sigma(t)  # Eq. 29 with sigma(0)^2 neglected, as in the paper: x(0) is data + N(0, sigma_min^2)
 
     def discretize(self, x, t, dt):
-        """SMLD discretisation (Eq. 45, 47): f_i = 0, G_i = sqrt(sigma_i^2 - sigma_{i-1}^2)."""
+        """The SMLD chain (Eq. 8 = Eq. 20) in the form of Eq. 45: f_i = 0,
+        G_i = sqrt(sigma_i^2 - sigma_{i-1}^2)."""
         return torch.zeros_like(x), (self.sigma(t) ** 2 - self.sigma(t - dt) ** 2).clamp_min(0).sqrt()
 
 
@@ -256,7 +261,8 @@ class VPSDE(SDE):
         return -torch.expm1(2 * (self.log_mean_coeff(t) - self.log_mean_coeff(t - dt)))
 
     def discretize(self, x, t, dt):
-        """DDPM discretisation (Eq. 46): x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z."""
+        """The DDPM chain (Eq. 10 = Eq. 22) in the form of Eq. 45:
+        x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z."""
         b = self.discrete_beta(t, dt)
         return (bcast((1 - b).sqrt(), x) - 1) * x, b.sqrt()
 
@@ -276,6 +282,9 @@ class SubVPSDE(VPSDE):
         return -torch.expm1(2 * self.log_mean_coeff(t))  # Eq. 29: std = 1 - e^{-int beta}
 
     discretize = SDE.discretize  # Euler-Maruyama, as in the reference code
+    # alpha_i = 1 in the Langevin step size: Algorithm 5's alpha_i = 1 - beta_i is given for VP
+    # only, and the paper states no sub-VP rule (the reference code reaches for VP's alpha_i, which
+    # its sub-VP class lacks). alpha_i -> 1 as N grows, and r sets the step size in any case.
     corrector_alpha = SDE.corrector_alpha
 
 
@@ -309,7 +318,8 @@ def euler_maruyama_step(score_fn, sde, x, t, dt, generator=None):
 
 
 def reverse_diffusion_step(score_fn, sde, x, t, dt, generator=None):
-    """Reverse-diffusion predictor (Appendix E, Eq. 46-47): x_i = x_{i+1} - f_{i+1} + G G^T s + G z."""
+    """Reverse-diffusion predictor (Appendix E, Eq. 46):
+    x_i = x_{i+1} - f_{i+1} + G_{i+1} G_{i+1}^T s + G_{i+1} z."""
     f, G = sde.discretize(x, t, dt)
     x_mean = x - f + bcast(G**2, x) * score_fn(x, t)
     return x_mean + bcast(G, x) * torch.randn(x.shape, generator=generator)

@@ -206,3 +206,15 @@ def test_user_errors(tmp_path, folders, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
     with pytest.raises(UserError, match="--image-folder"):
         m.main(["--preset", "smoke", "--out", str(tmp_path / "c"), "--data-dir", str(tmp_path / "nodata")])
+
+
+def test_step_size_is_the_minimum_of_eq4_for_long_chains():
+    """Technique 4: Eq. (4) stays above 1 (its limit in T is 1 / (1 - eps / (2 sigma_L^2))), so the
+    eps brought closest to 1 is Eq. (4)'s minimum over eps; for T = 1000 that minimum is within
+    0.5% of 1, far below gamma = 1.04."""
+    gamma, sigma_L, T = 1.04, 0.01, 1000
+    eps = m.solve_step_size(gamma, sigma_L, T)
+    ratio = m.langevin_variance_ratio(eps, gamma, sigma_L, T)
+    assert 1 < ratio < 1.005
+    for e in (0.9 * eps, 1.1 * eps):
+        assert m.langevin_variance_ratio(e, gamma, sigma_L, T) > ratio

@@ -78,6 +78,7 @@ def parse_args(argv):
     parser.add_argument("--n-steps", type=common.positive_int, help="steps of plain Langevin and MALA")
     parser.add_argument("--T", type=common.positive_int, help="annealed Langevin: steps per noise level")
     parser.add_argument("--eps", type=common.positive_float, help="annealed Langevin: eps of alpha_i")
+    parser.set_defaults(seed=0)
     return parser.parse_args(argv)
 
 
@@ -290,8 +291,7 @@ def run(args) -> dict:
     overrides = {f: getattr(args, f) for f in ("components", "n_samples", "step", "n_steps", "T", "eps")}
     cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     common.seed_everything(args.seed)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.prepare_out(args.out)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
 
     mix = make_mixture(cfg.components, cfg.radius)
@@ -326,7 +326,7 @@ def run(args) -> dict:
     for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
         t0 = time.perf_counter()
         samples[name], rate = sample_fn()
-        common.check_finite(samples[name], 0)
+        common.check_finite(samples[name], None, f"a sample of {name}", "try a smaller --step or --eps")
         seconds = time.perf_counter() - t0
         results[name] = {"accept_rate": rate, "seconds": seconds, "steps_per_s": n_steps / seconds}
     t_eval = time.perf_counter()

@@ -69,7 +69,8 @@ PRESETS = {
 
 def parse_args(argv):
     parser = common.base_parser(__doc__, STEM)
-    parser.add_argument("--steps", type=common.positive_int, help="training steps (default: from the preset)")
+    parser.add_argument("--steps", type=common.positive_int, help="training steps (default: from the preset; "
+                        "with --resume: extend the run to this many, the cosine lr decay then spans the new total)")
     parser.add_argument("--lr", type=common.positive_float, help="Adam learning rate (default: from the preset)")
     parser.add_argument("--trunk", choices=["rbf", "mlp"], help="shared layers: the paper's normalized RBF "
                         "network or a tanh MLP (default: rbf)")
@@ -249,30 +250,32 @@ class ReverseModel(nn.Module):
 # -- training loop: gradient ascent on K (Sec. 2.4) -----------------------------------------
 
 
-def train(model, ema, opt, state: dict, cfg: Config, beta: torch.Tensor, seed: int, save) -> list[float]:
+def train(model, ema, opt, state: dict, cfg: Config, beta: torch.Tensor, seed: int, ckpt) -> list[float]:
     """Maximise K on fresh Swiss-roll batches; returns -K per step in bits. One t per example
-    (the reference code draws one t per minibatch)."""
+    (the reference code draws one t per minibatch). The checkpointer checks every loss and saves."""
     losses = state.setdefault("losses", [])
-    bar = tqdm(range(state["step"], cfg.steps), desc="train -K (bits)", mininterval=1.0)
-    try:
-        for step in bar:
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train -K (bits)", mininterval=1.0)
+    with ckpt:
+        for step in range(state["step"], cfg.steps + 1):
+            ckpt.begin(step)
             x0 = torch.from_numpy(swiss_roll(cfg.batch, seed * 1_000_003 + step, cfg.roll_noise))
             t = torch.randint(2, cfg.T + 1, (cfg.batch,))
             for group in opt.param_groups:  # cosine decay (the reference code decays its lr, too)
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             loss = -bound_K(model, x0, t, beta, torch.randn_like(x0)).mean() / math.log(2)
-            common.check_finite(loss, step)
+            ckpt.verified(loss, step, last=step == cfg.steps)
+            if step == cfg.steps:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             ema.update_parameters(model)
             losses.append(loss.item())
             state["step"] = step + 1
+            bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    except KeyboardInterrupt:
-        save()
-        raise
+    bar.close()
     return losses
 
 
@@ -388,26 +391,31 @@ def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int, out, times: dict
     }
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def prepare(args) -> tuple:
+    """Output folder, preset and config; for --resume and --sample-only the checkpoint's."""
     device = common.get_device(args.device)
     if device.type != "cpu":
         print(f"a 2-D model this small is fastest on the CPU; ignoring --device {device}")
-    preset = common.resolve_preset(args.preset, device)
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "trunk", "hidden")}
-    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    out = common.prepare_out(args.out)
+    flags = {k: getattr(args, k) for k in ("steps", "lr", "trunk", "hidden")}
+    if not (args.resume or args.sample_only):
+        args.seed = 0 if args.seed is None else args.seed
+        preset = common.resolve_preset(args.preset, device)
+        return out, preset, replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None}), None
+    ckpt = common.load_checkpoint(out / "ckpt.pt", STEM)
+    saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
+    fixed = ("lr", "trunk", "hidden", "preset") + (("seed",) if args.resume else ())
+    cfg = common.resume_config(saved, {**flags, "preset": args.preset, "seed": args.seed}, fixed, ckpt["step"],
+                               out / "ckpt.pt", extend=args.resume)
+    args.seed = cfg.pop("seed")
+    return out, cfg.pop("preset"), Config(**cfg), ckpt
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out, preset, cfg, ckpt = prepare(args)
     torch.set_num_threads(1)  # tensors of a few thousand 2-D points: one thread is fastest
     common.seed_everything(args.seed)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-
-    ckpt = common.load_checkpoint(out / "ckpt.pt") if (args.resume or args.sample_only) else None
-    if ckpt is not None:
-        saved = Config(**ckpt["config"])
-        if (saved.T, saved.trunk, saved.hidden) != (cfg.T, cfg.trunk, cfg.hidden):
-            raise common.UserError(f"the checkpoint in {out} was trained with T={saved.T}, --trunk {saved.trunk}, "
-                                   f"--hidden {saved.hidden}; pass the same values or another --out")
-        cfg = replace(saved, steps=cfg.steps) if args.resume else saved
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
 
     beta = beta_schedule(cfg.T, cfg.step1_beta)
@@ -416,28 +424,27 @@ def main(argv=None) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"step": 0, "losses": []}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+            common.load_state(obj, ckpt[key], out / "ckpt.pt")
         state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
         common.set_rng_state(ckpt["rng_state"])
 
-    def save():
+    def save(step: int, rng: dict):
         common.save_checkpoint(out / "ckpt.pt", {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": state["step"], "losses": state["losses"], "config": asdict(cfg), "rng_state": common.rng_state()})
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "losses": state["losses"][:step], "config": asdict(cfg), "preset": preset, "seed": args.seed,
+            "rng_state": rng}, STEM)
 
     times = {}
     K_init = None
-    if not args.sample_only:
+    if not args.sample_only and state["step"] < cfg.steps:
         if state["step"] == 0:
             x_init = torch.from_numpy(swiss_roll(cfg.n_eval, args.seed + 999_983, cfg.roll_noise))
             K_init = float(bound_K_full(model, x_init, beta, torch.Generator().manual_seed(0)).mean()) / math.log(2)
         t0, step0 = time.perf_counter(), state["step"]
-        train(model, ema, opt, state, cfg, beta, args.seed, save)
+        train(model, ema, opt, state, cfg, beta, args.seed, common.Checkpointer(save, 1000, out / "ckpt.pt"))
         times["train_s"] = time.perf_counter() - t0
         times["steps_per_s"] = (state["step"] - step0) / max(times["train_s"], 1e-9)
-        save()
         common.plot_loss(state["losses"], out / "loss.png", title="-K (bits per sample), lower is better")
 
     t0 = time.perf_counter()

@@ -63,6 +63,7 @@ class Config:
     table_n: int = 100
     bound_images: int = 1000
     bound_strata: int = 999  # t in 2..T split in this many strata, one t each per image; T - 1: the full sum
+    judge: bool = True  # FID and confident share of the final samples by common's digit judge
     log_every: int = 100
     ckpt_every: int = 2000
 
@@ -107,6 +108,8 @@ FLAGS = {  # command-line overrides of Config (None = take the preset's value)
     "bound_images": dict(type=common.positive_int, help="test images for the bits/dim bound"),
     "bound_strata": dict(type=common.positive_int, help="t per image for the bound (T-1: every term)"),
     "bf16": dict(action=argparse.BooleanOptionalAction, help="bf16 autocast"),
+    "judge": dict(action=argparse.BooleanOptionalAction,
+                  help="judge the final samples with the digit classifier (FID, confident share)"),
 }
 
 
@@ -551,6 +554,9 @@ def run(args, dist, device, preset, cfg, model, ema, opt, state, train_x) -> dic
             rows.append(x[:10])
         common.save_image_grid(torch.cat(rows), out / "samplers.png", nrow=len(rows[0]))
         metrics["sampler_table"] = table
+        if cfg.judge:
+            metrics["judge"] = common.judge_samples(samples, cfg.dataset, args.data_dir, seed=args.seed)
+            print(common.judge_line(metrics["judge"]))
         metrics["wall_s_total"] = time.perf_counter() - wall0
         common.write_json(out / "metrics.json", metrics)
         b = metrics["bound"]

@@ -770,6 +770,188 @@ def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.n
             "mmd": float(np.mean(mmd)), "mmd_floor": float(np.mean(mmd0)), "n": n}
 
 
+# -- the digit judge: sample quality of the MNIST scripts ----------------------------------------
+
+# The judge's recipe, fixed before it judged any sample; a change here retrains the cached judge.
+JUDGE = dict(steps=1400, batch=128, outliers=32, lr=3e-3, width=16, features=64, shift=2, seed=0)
+
+
+class JudgeNet(nn.Module):
+    """A small CNN classifier: strided 3x3 convolutions 28 -> 14 -> 7 with widths w, 2w, 4w, then
+    `features` hidden units (the penultimate features FID is computed in) and 10 logits."""
+
+    def __init__(self, width: int = 16, features: int = 64):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(1, w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Dropout(0.25), nn.Linear(4 * w * 49, features))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.25), nn.Linear(features, 10))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) for images (N, 1, 28, 28) in [-1, 1]."""
+        f = self.body(x)
+        return self.head(f), f
+
+
+def outlier_images(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n images that are no class: uniform noise, half of it smoothed into blobs (3x3 to 7x7)."""
+    x = torch.rand(n, 1, 28, 28, generator=generator) * 2 - 1
+    k = 2 * int(torch.randint(1, 4, (1,), generator=generator)) + 1
+    smooth = F.avg_pool2d(x[: n // 2], k, stride=1, padding=k // 2, count_include_pad=False)
+    x[: n // 2] = smooth / smooth.abs().amax((1, 2, 3), keepdim=True)
+    return x
+
+
+def train_judge(images: torch.Tensor, labels: torch.Tensor, recipe: dict) -> JudgeNet:
+    """Adam with a one-cycle rate on random shifts of up to `shift` pixels, images in [-1, 1];
+    outlier exposure (Hendrycks et al. 2019): `outliers` noise images per batch are trained
+    towards the uniform distribution over classes, so noise is not classified confidently."""
+    gen = torch.Generator().manual_seed(recipe["seed"])
+    torch.manual_seed(recipe["seed"])
+    net, s = JudgeNet(recipe["width"], recipe["features"]), recipe["shift"]
+    opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=recipe["steps"])
+    padded = F.pad(images, (s, s, s, s), value=-1.0)
+    net.train()
+    for _ in range(recipe["steps"]):
+        idx = torch.randint(len(images), (recipe["batch"],), generator=gen)
+        dy, dx = torch.randint(2 * s + 1, (2, len(idx), 1), generator=gen) + torch.arange(28)
+        x = padded[idx[:, None, None], 0, dy[:, :, None], dx[:, None, :]].unsqueeze(1)
+        x = torch.cat([x, outlier_images(recipe["outliers"], gen)])
+        logits = net(x)[0]
+        loss = F.cross_entropy(logits[: len(idx)], labels[idx])
+        loss = loss - logits[len(idx):].log_softmax(-1).mean() - math.log(10)  # CE to uniform
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def judge_outputs(net: JudgeNet, x: torch.Tensor, batch: int = 1000):
+    """Class probabilities and penultimate features (float64) of images in [-1, 1]."""
+    probs, feats = [], []
+    for i in range(0, len(x), batch):
+        logits, f = net(x[i:i + batch].float().clamp(-1, 1))
+        probs.append(logits.softmax(-1).double())
+        feats.append(f.double())
+    return torch.cat(probs), torch.cat(feats)
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) of two feature sets (Heusel et al.
+    2017, the FID formula), in float64 with scipy's sqrtm."""
+    from scipy import linalg
+
+    f1, f2 = f1.double().numpy(), f2.double().numpy()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # singular product: offset both, as pytorch-fid does
+        off = np.eye(len(s1)) * 1e-6
+        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
+
+
+def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, dict]:
+    """The judge of dataset `name`, trained once on its training split and cached in
+    root/judge (or ~/.cache/diffusion-from-scratch when root is read-only), keyed by the dataset,
+    its size and JUDGE. Returns the network and its record (test accuracy, training seconds)."""
+    import hashlib
+    import time
+
+    train_x, train_y = labelled_images(name, root, train=True)
+    key = json.dumps([name, len(train_x), int(train_x.sum()), JUDGE], sort_keys=True)
+    fname = f"judge-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    folders = [Path(root) / "judge", Path.home() / ".cache" / "diffusion-from-scratch"]
+    for path in (f / fname for f in folders):
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            net = JudgeNet(JUDGE["width"], JUDGE["features"])
+            net.load_state_dict(saved["model"])
+            return net.eval(), saved["record"]
+    if not quiet:
+        print(f"training the {name} judge once ({JUDGE['steps']} steps, about a minute on a CPU)")
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        net = train_judge(train_x, train_y, JUDGE)
+    test_x, test_y = labelled_images(name, root, train=False)
+    probs, _ = judge_outputs(net, test_x)
+    record = {"dataset": name, "train_images": len(train_x), "train_s": time.perf_counter() - t0,
+              "test_accuracy": float((probs.argmax(1) == test_y).double().mean()), **JUDGE}
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(folder / fname, {"model": net.state_dict(), "record": record})
+            break
+        except OSError:
+            continue
+    return net, record
+
+
+def labelled_images(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 1, 28, 28) images in [-1, 1] and their labels, from torchvision's MNIST-style files."""
+    ds = torchvision_dataset(name, root, train, transform=None)
+    return ds.data[:, None].float().div(127.5).sub(1), ds.targets.long()
+
+
+def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, draws: int = 5,
+                  min_ratio: float = 2.0, quiet: bool = False) -> dict:
+    """Judge n samples (N, 1, 28, 28) in [-1, 1] against the held-out test split of `name`:
+    confident: share classified with probability > 0.9; class_shares of the 10 classes;
+    fid: Frechet distance to all test images in the judge's features (depends on n: compare
+    only at equal n). Floors beside them: real_confident of the test images, and real_fid, the
+    mean (and std) over `draws` sets of n training images of their FID to the same test images.
+    fid is None when n < min_ratio x features."""
+    net, record = load_judge(name, root, quiet)
+    test_x, _ = labelled_images(name, root, train=False)
+    train_x, _ = labelled_images(name, root, train=True)
+    n = len(samples)
+    probs, feats = judge_outputs(net, samples)
+    real_probs, real_feats = judge_outputs(net, test_x)
+    shares = torch.bincount(probs.argmax(1), minlength=10).double() / max(n, 1)
+    out = {"n": n, "confident": float((probs.max(1).values > 0.9).double().mean()),
+           "real_confident": float((real_probs.max(1).values > 0.9).double().mean()),
+           "class_shares": [round(float(s), 4) for s in shares],
+           "class_share_max_dev": float((shares - 0.1).abs().max()),
+           "fid": None, "real_fid": None, "judge_test_accuracy": record["test_accuracy"]}
+    if n < min_ratio * feats.shape[1]:
+        out["fid_note"] = f"n = {n} is below {min_ratio:g} x {feats.shape[1]} features: no FID"
+        return out
+    gen = torch.Generator().manual_seed(seed)
+    floors = [frechet_distance(judge_outputs(net, train_x[torch.randperm(len(train_x),
+              generator=gen)[:n]])[1], real_feats) for _ in range(draws)]
+    out["fid"] = frechet_distance(feats, real_feats)
+    out["real_fid"], out["real_fid_std"] = float(np.mean(floors)), float(np.std(floors))
+    return out
+
+
+def judge_line(j: dict) -> str:
+    fid = "FID n/a" if j["fid"] is None else (
+        f"FID {j['fid']:.1f} (real {j['real_fid']:.1f} +- {j['real_fid_std']:.1f})")
+    return (f"judge on {j['n']} samples: {fid}, confident {j['confident']:.1%} "
+            f"(real {j['real_confident']:.1%}), class shares within {j['class_share_max_dev']:.3f} of 0.1")
+
+
+def judge_file(argv: list[str] | None = None) -> dict:
+    """`python common.py SAMPLES.pt [--dataset mnist] [--data-dir data]`: judge saved samples."""
+    parser = argparse.ArgumentParser(description="judge saved samples (N, 1, 28, 28) in [-1, 1]")
+    parser.add_argument("samples", type=Path)
+    parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    args = parser.parse_args(argv)
+    if not args.samples.is_file():
+        raise UserError(f"no samples at {args.samples}")
+    samples = torch.load(args.samples, map_location="cpu", weights_only=True)
+    result = judge_samples(samples.float(), args.dataset, args.data_dir)
+    print(judge_line(result))
+    return result
+
+
 # -- distributed data parallel (torchrun) ------------------------------------------------------
 
 
@@ -877,3 +1059,7 @@ def ddp_param_divergence(model: nn.Module, d: Dist, device: torch.device) -> flo
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()]).to(device)
     gathered = all_gather_cat(flat[None], d)
     return float((gathered - gathered[:1]).abs().max().item())
+
+
+if __name__ == "__main__":
+    cli_entry(judge_file)

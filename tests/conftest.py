@@ -65,3 +65,12 @@ def tiny_mnist(tmp_path):
         write_idx(tmp_path / name / "raw", "train", *make(64))
         write_idx(tmp_path / name / "raw", "t10k", *make(16))
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def quick_judge(monkeypatch):
+    """The digit judge's own recipe trains for about a minute; in tests it trains a few steps
+    (the recipe is part of the judge's cache key, so no test reuses a real judge)."""
+    import common
+
+    monkeypatch.setitem(common.JUDGE, "steps", 20)

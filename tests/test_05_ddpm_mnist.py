@@ -200,6 +200,9 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     assert samples.shape == (8, 1, 28, 28) and torch.isfinite(samples).all()
     assert metrics["train"]["steps"] == 4 and math.isfinite(metrics["bound"]["bpd_sigma_beta"])
     assert [row["sampler"] for row in metrics["sampler_table"]] == ["ancestral", "ddim"]
+    judge = metrics["judge"]  # 8 samples: too few for FID, the shares are still given
+    assert judge["n"] == 8 and judge["fid"] is None and 0 <= judge["confident"] <= 1
+    assert len(judge["class_shares"]) == 10 and 0 <= judge["real_confident"] <= 1
 
     # --resume continues the same run: 4 + 4 steps give the losses of 8 steps in one go
     ddpm.main(args + ["--steps", "8", "--resume"])
@@ -211,8 +214,10 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     assert np.allclose(resumed["losses"], straight["losses"], rtol=1e-5)
 
     # --sample-only: no training, new samples with another sampler
-    metrics = ddpm.main(args + ["--sample-only", "--sampler", "ancestral", "--n-samples", "5"])
+    metrics = ddpm.main(args + ["--sample-only", "--sampler", "ancestral", "--n-samples", "5",
+                                "--no-judge"])
     assert "train" not in metrics and metrics["samples"]["sampler"] == "ancestral"
+    assert "judge" not in metrics
     assert torch.load(out / "samples.pt").shape == (5, 1, 28, 28)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 8
 

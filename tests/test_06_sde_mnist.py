@@ -107,6 +107,9 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     x = torch.load(out / "samples.pt")
     assert x.shape == (8, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
     assert set(metrics["samplers"]) == {"em", "rd", "pc", "ode"} and metrics["likelihood"]["nfe"] > 0
+    for name, result in metrics["samplers"].items():  # each sampler judged; 8 samples: no FID
+        assert result["judge"]["n"] == 8 and result["judge"]["fid"] is None, name
+    assert metrics["judge"] == metrics["samplers"]["em"]["judge"]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 20
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     losses = ckpt["losses"]
@@ -118,8 +121,9 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     assert ckpt["step"] == 23 and len(ckpt["losses"]) == 23 and "likelihood" not in metrics
 
     before = torch.load(out / "ckpt.pt", weights_only=True)["model"]
-    metrics = run(tiny_mnist, out, "--sample-only", "--lik-images", "0", "--sampler", "ode")
-    assert "train_seconds" not in metrics and metrics["sampler"] == "ode"
+    metrics = run(tiny_mnist, out, "--sample-only", "--lik-images", "0", "--sampler", "ode",
+                  "--no-judge")
+    assert "train_seconds" not in metrics and metrics["sampler"] == "ode" and "judge" not in metrics
     after = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -326,7 +326,8 @@ def run(args) -> dict:
     for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
         t0 = time.perf_counter()
         samples[name], rate = sample_fn()
-        common.check_finite(samples[name], None, f"a sample of {name}", "try a smaller --step or --eps")
+        common.check_finite(samples[name], None, f"a sample of {name}",
+                            "try a smaller --step or --eps")
         seconds = time.perf_counter() - t0
         results[name] = {"accept_rate": rate, "seconds": seconds, "steps_per_s": n_steps / seconds}
     t_eval = time.perf_counter()

@@ -85,7 +85,8 @@ def parse_args(argv):
     parser.add_argument("--dataset", choices=DATASETS, help="2-D data to learn (default: mixture)")
     parser.add_argument("--loss", choices=["dsm", "ssm"], help="denoising (default) or sliced score matching")
     parser.add_argument("--n-iters", type=common.positive_int,
-                        help="training steps (with --resume: extend the run to this many; the lr is constant)")
+                        help="training steps (with --resume: extend the run to this many; "
+                        "the lr is constant)")
     parser.add_argument("--n-levels", type=common.positive_int, help="number of noise levels L")
     parser.add_argument("--T", type=common.positive_int, help="annealed Langevin steps per noise level")
     parser.add_argument("--n-samples", type=common.positive_int, help="particles to sample")
@@ -225,7 +226,7 @@ class ScoreMLP(nn.Module):
 # -- training loop ----------------------------------------------------------------------------------
 
 
-def train(model, ema, opt, cfg: Config, step: int, losses: list, device, ckpt: common.Checkpointer) -> int:
+def train(model, ema, opt, cfg: Config, step: int, losses: list, device, ckpt) -> int:
     """Adam on the loss; the checkpointer checks every loss and saves verified steps."""
     loss_fn = dsm_loss if cfg.loss == "dsm" else ssm_loss
     bar = tqdm(total=cfg.n_iters, desc="train", initial=step, mininterval=1.0)
@@ -334,12 +335,14 @@ def prepare(args) -> tuple:
     if not (args.resume or args.sample_only):
         args.seed = 0 if args.seed is None else args.seed
         preset = common.resolve_preset(args.preset, device)
-        return device, out, preset, replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None}), None
+        cfg = replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
+        return device, out, preset, cfg, None
     ckpt = common.load_checkpoint(out / "ckpt.pt", STEM)
     saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
     fixed = FIXED + ("preset", "seed") if args.resume else FIXED + ("preset",)
-    cfg = common.resume_config(saved, {**flags, "preset": args.preset, "seed": args.seed}, fixed, ckpt["step"],
-                               out / "ckpt.pt", steps_key="n_iters", extend=args.resume)
+    given = {**flags, "preset": args.preset, "seed": args.seed}
+    cfg = common.resume_config(saved, given, fixed, ckpt["step"], out / "ckpt.pt",
+                               steps_key="n_iters", extend=args.resume)
     args.seed = cfg.pop("seed")
     return device, out, cfg.pop("preset"), Config(**cfg), ckpt
 
@@ -362,14 +365,15 @@ def run(args) -> dict:
         common.set_rng_state(ckpt["rng_state"])
 
     def save(at_step: int, rng: dict) -> None:
-        common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                           "optimizer": opt.state_dict(), "step": at_step, "config": asdict(cfg),
-                                           "preset": preset, "seed": args.seed,
-                                           "losses": torch.tensor(losses[:at_step]), "rng_state": rng}, STEM)
+        common.save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": at_step, "config": asdict(cfg), "preset": preset, "seed": args.seed,
+            "losses": torch.tensor(losses[:at_step]), "rng_state": rng}, STEM)
 
     t0, step0 = time.perf_counter(), step
     if not args.sample_only and step < cfg.n_iters:
-        step = train(model, ema, opt, cfg, step, losses, device, common.Checkpointer(save, 1000, ckpt_path))
+        checkpointer = common.Checkpointer(save, 1000, ckpt_path)
+        step = train(model, ema, opt, cfg, step, losses, device, checkpointer)
         print(f"trained {step - step0} steps in {time.perf_counter() - t0:.1f} s, "
               f"final loss {np.mean(losses[-200:]):.4f}")
     train_s = time.perf_counter() - t0

@@ -96,8 +96,9 @@ def parse_args(argv):
     p.add_argument("--test-folder", type=Path, help="held-out images for the DSM curve (default: the CIFAR-10 "
                    "test split, or 1,000 images held out of --image-folder)")
     p.add_argument("--image-size", type=common.positive_int, help="side of the square images (preset's default)")
-    p.add_argument("--steps", type=common.positive_int, help="training steps (with --resume: extend the run to "
-                   "this many; the lr is constant after warm-up, so this is the longer run)")
+    p.add_argument("--steps", type=common.positive_int,
+                   help="training steps (with --resume: extend the run to this many; the lr is "
+                   "constant after warm-up, so this is the longer run)")
     p.add_argument("--batch-size", type=common.positive_int,
                    help="batch size PER PROCESS; under torchrun the global batch is world_size x this")
     p.add_argument("--lr", type=common.positive_float, help="Adam learning rate")
@@ -117,16 +118,20 @@ def make_config(args, device, quiet: bool = False) -> tuple[str, Config, dict | 
         saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
         fixed = FIXED + (("seed",) if args.resume else ())
         given = {**flags, "preset": args.preset, "seed": args.seed}
-        cfg = common.resume_config(saved, given, fixed, ckpt["step"], args.out / "ckpt.pt", extend=args.resume)
+        cfg = common.resume_config(saved, given, fixed, ckpt["step"], args.out / "ckpt.pt",
+                                   extend=args.resume)
         args.seed, preset = cfg.pop("seed"), cfg.pop("preset")
-        return preset, Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}), ckpt
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        return preset, Config(**cfg), ckpt
     args.seed = 0 if args.seed is None else args.seed
     preset = common.resolve_preset(args.preset, device, quiet)
-    cfg = Config(**common.fit_preset(dataclasses.asdict(PRESETS[preset]), device, FP32.get(preset, {}), quiet))
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    values = dataclasses.asdict(PRESETS[preset])
+    values = common.fit_preset(values, device, FP32.get(preset, {}), quiet)
+    cfg = dataclasses.replace(Config(**values), **{k: v for k, v in flags.items() if v is not None})
     if cfg.image_size < 2 ** (len(cfg.mults) - 1) or cfg.image_size < 4:
-        raise common.UserError(f"--image-size {cfg.image_size} is too small for this preset's U-Net; "
-                               f"use at least {max(4, 2 ** (len(cfg.mults) - 1))}")
+        least = max(4, 2 ** (len(cfg.mults) - 1))
+        raise common.UserError(f"--image-size {cfg.image_size} is too small for this preset's "
+                               f"U-Net; use at least {least}")
     return preset, cfg, None
 
 
@@ -138,7 +143,7 @@ def image_tensor(dataset, max_n: int | None = None) -> torch.Tensor:
     images the folder reader returned as None (unreadable files) are left out."""
     n = len(dataset) if max_n is None else min(max_n, len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=500,
-                                         collate_fn=lambda items: [x for x, _ in items if x is not None])
+                                         collate_fn=lambda b: [x for x, _ in b if x is not None])
     images = [x for batch in loader for x in batch]
     if not images:
         raise common.UserError("no readable images found")
@@ -166,8 +171,8 @@ def load_data(args, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 
     def folder(path: Path):
         try:
-            return datasets.ImageFolder(str(path), transform=lambda img: img if img is None else tf(img),
-                                        loader=read_image)
+            return datasets.ImageFolder(str(path), loader=read_image,
+                                        transform=lambda img: img if img is None else tf(img))
         except (FileNotFoundError, OSError) as err:
             raise common.UserError(f"cannot read images from {path}: {err}") from None
 
@@ -421,7 +426,8 @@ def write_outputs(out, sched, sigmas, losses, metrics, samples, x0, x, snaps, sn
                ["uniform"] + [f"σ={sigmas[i].item():.2g}" for i in snap_levels] + ["denoised"],
                out / "ald_strip.png")
     plot_techniques(sched, sigmas.cpu(), out / "sigmas.png")
-    plot_dsm_curve(metrics["heldout_dsm"]["sigma"], metrics["heldout_dsm"]["loss"], out / "dsm_per_level.png")
+    dsm = metrics["heldout_dsm"]
+    plot_dsm_curve(dsm["sigma"], dsm["loss"], out / "dsm_per_level.png")
     if losses:
         common.plot_loss(losses, out / "loss.png", title="DSM loss (per dimension), all levels")
     common.write_json(out / "metrics.json", metrics)
@@ -433,12 +439,13 @@ def write_outputs(out, sched, sigmas, losses, metrics, samples, x0, x, snaps, sn
 def techniques(train: torch.Tensor, cfg: Config, dist, device) -> dict:
     """Techniques 1, 2 and 4 computed from the training images."""
     D = train[0].numel()
-    subset = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:cfg.sigma1_subset]]
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    subset = train[perm[:cfg.sigma1_subset]]
     sigma_1 = max_pairwise_distance(to_float(subset.to(device)))  # Technique 1
     sigma_1 = common.all_reduce_mean(sigma_1, dist, device)  # the same value on every rank
     if not cfg.sigma_end < sigma_1:
-        raise common.UserError(f"--sigma-end {cfg.sigma_end} is not below sigma_1 = {sigma_1:.3g} (the largest "
-                               "distance between training images); lower it")
+        raise common.UserError(f"--sigma-end {cfg.sigma_end} is not below sigma_1 = {sigma_1:.3g} "
+                               "(the largest distance between training images); lower it")
     gamma = solve_gamma(D)  # Technique 2
     L = num_noise_levels(sigma_1, cfg.sigma_end, gamma)
     gamma_used = (sigma_1 / cfg.sigma_end) ** (1 / (L - 1))

@@ -69,8 +69,9 @@ PRESETS = {
 
 def parse_args(argv):
     parser = common.base_parser(__doc__, STEM)
-    parser.add_argument("--steps", type=common.positive_int, help="training steps (default: from the preset; "
-                        "with --resume: extend the run to this many, the cosine lr decay then spans the new total)")
+    parser.add_argument("--steps", type=common.positive_int,
+                        help="training steps (default: from the preset; with --resume: extend the "
+                        "run to this many, the cosine lr decay then spans the new total)")
     parser.add_argument("--lr", type=common.positive_float, help="Adam learning rate (default: from the preset)")
     parser.add_argument("--trunk", choices=["rbf", "mlp"], help="shared layers: the paper's normalized RBF "
                         "network or a tanh MLP (default: rbf)")
@@ -250,7 +251,7 @@ class ReverseModel(nn.Module):
 # -- training loop: gradient ascent on K (Sec. 2.4) -----------------------------------------
 
 
-def train(model, ema, opt, state: dict, cfg: Config, beta: torch.Tensor, seed: int, ckpt) -> list[float]:
+def train(model, ema, opt, state: dict, cfg: Config, beta, seed: int, ckpt) -> list[float]:
     """Maximise K on fresh Swiss-roll batches; returns -K per step in bits. One t per example
     (the reference code draws one t per minibatch). The checkpointer checks every loss and saves."""
     losses = state.setdefault("losses", [])
@@ -401,12 +402,14 @@ def prepare(args) -> tuple:
     if not (args.resume or args.sample_only):
         args.seed = 0 if args.seed is None else args.seed
         preset = common.resolve_preset(args.preset, device)
-        return out, preset, replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None}), None
+        cfg = replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
+        return out, preset, cfg, None
     ckpt = common.load_checkpoint(out / "ckpt.pt", STEM)
     saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
     fixed = ("lr", "trunk", "hidden", "preset") + (("seed",) if args.resume else ())
-    cfg = common.resume_config(saved, {**flags, "preset": args.preset, "seed": args.seed}, fixed, ckpt["step"],
-                               out / "ckpt.pt", extend=args.resume)
+    given = {**flags, "preset": args.preset, "seed": args.seed}
+    cfg = common.resume_config(saved, given, fixed, ckpt["step"], out / "ckpt.pt",
+                               extend=args.resume)
     args.seed = cfg.pop("seed")
     return out, cfg.pop("preset"), Config(**cfg), ckpt
 
@@ -431,9 +434,9 @@ def main(argv=None) -> dict:
 
     def save(step: int, rng: dict):
         common.save_checkpoint(out / "ckpt.pt", {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "losses": state["losses"][:step], "config": asdict(cfg), "preset": preset, "seed": args.seed,
-            "rng_state": rng}, STEM)
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": step, "losses": state["losses"][:step], "config": asdict(cfg), "preset": preset,
+            "seed": args.seed, "rng_state": rng}, STEM)
 
     times = {}
     K_init = None
@@ -442,7 +445,8 @@ def main(argv=None) -> dict:
             x_init = torch.from_numpy(swiss_roll(cfg.n_eval, args.seed + 999_983, cfg.roll_noise))
             K_init = float(bound_K_full(model, x_init, beta, torch.Generator().manual_seed(0)).mean()) / math.log(2)
         t0, step0 = time.perf_counter(), state["step"]
-        train(model, ema, opt, state, cfg, beta, args.seed, common.Checkpointer(save, 1000, out / "ckpt.pt"))
+        checkpointer = common.Checkpointer(save, 1000, out / "ckpt.pt")
+        train(model, ema, opt, state, cfg, beta, args.seed, checkpointer)
         times["train_s"] = time.perf_counter() - t0
         times["steps_per_s"] = (state["step"] - step0) / max(times["train_s"], 1e-9)
         common.plot_loss(state["losses"], out / "loss.png", title="-K (bits per sample), lower is better")

@@ -111,8 +111,8 @@ def parse_args(argv):
     p = common.base_parser(__doc__.split("\n\n")[0], STEM, image=True)
     p.add_argument("--sde", choices=["ve", "vp", "subvp"], help="the forward SDE (default: vp)")
     p.add_argument("--steps", type=common.positive_int,
-                   help="training steps (with --resume: extend the run to this many; the cosine lr decay "
-                   "then spans the new total)")
+                   help="training steps (with --resume: extend the run to this many; the cosine "
+                   "lr decay then spans the new total)")
     p.add_argument("--batch-size", type=common.positive_int,
                    help="batch size PER PROCESS; under torchrun the global batch is world size x this")
     p.add_argument("--lr", type=common.positive_float, help="peak Adam learning rate")

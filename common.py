@@ -183,7 +183,7 @@ def base_parser(description: str, script: str, image: bool = False) -> argparse.
         "--out", type=Path, default=Path("runs") / script, help=f"output folder (default: runs/{script})"
     )
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in OUT/ckpt.pt (with --steps: extend it to that many steps)")
+                        help="continue the run in OUT/ckpt.pt (with --steps: extend it)")
     parser.add_argument(
         "--sample-only", action="store_true", help="load OUT/ckpt.pt, only sample, evaluate and plot"
     )
@@ -235,7 +235,8 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2, default=float) + "\n").encode()))
+    text = json.dumps(obj, indent=2, default=float) + "\n"
+    _write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def prepare_out(out: Path) -> Path:
@@ -266,9 +267,11 @@ def torchvision_dataset(name: str, root: Path, train: bool, transform) -> torch.
         return cls(str(root), train=train, download=True, transform=transform)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
         raw = Path(root) / cls.__name__ / ("raw" if name != "cifar10" else "")
-        if name != "cifar10" and raw.is_dir() and any(p.name.endswith("ubyte") for p in raw.iterdir()):
-            raise UserError(f"cannot read {cls.__name__} from the files in {raw} ({type(err).__name__}: "
-                            f"{str(err)[:120]}); they may be truncated or corrupt: replace them, or "
+        present = raw.is_dir() and any(p.name.endswith("ubyte") for p in raw.iterdir())
+        if name != "cifar10" and present:
+            raise UserError(f"cannot read {cls.__name__} from the files in {raw} "
+                            f"({type(err).__name__}: {str(err)[:120]}); they may be truncated or "
+                            "corrupt: replace them, or "
                             "delete them to download again") from None
         raise UserError(
             f"could not load or download {cls.__name__} ({type(err).__name__}); put the dataset's "
@@ -536,7 +539,8 @@ def load_checkpoint(path: Path, script: str, map_location="cpu") -> dict:
     writer = ckpt.get("script") if isinstance(ckpt, dict) else None
     if writer != script:
         by = f"by {writer}.py" if writer else "by another program or an older version"
-        raise UserError(f"the checkpoint {path} was written {by}, not by {script}.py; pass another --out")
+        raise UserError(f"the checkpoint {path} was written {by}, not by {script}.py; "
+                        "pass another --out")
     return ckpt
 
 
@@ -548,29 +552,32 @@ def load_state(obj, state, path: Path) -> None:
         bad = sorted(own.keys() ^ state.keys()) + [k for k in own.keys() & state.keys()
                                                    if own[k].shape != state[k].shape]
         if bad:
-            raise UserError(f"the checkpoint {path} does not fit the model ({len(bad)} tensors differ, "
+            raise UserError(f"the checkpoint {path} does not fit the model ({len(bad)} tensors "
+                            "differ, "
                             f"e.g. {bad[0]}); pass another --out")
     try:
         obj.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError) as err:
-        raise UserError(f"the checkpoint {path} does not fit ({type(err).__name__}); pass another --out") from None
+        raise UserError(f"the checkpoint {path} does not fit ({type(err).__name__}); "
+                        "pass another --out") from None
 
 
 def resume_config(saved: dict, given: dict, fixed: Sequence[str], step: int, path: Path,
                   steps_key: str = "steps", extend: bool = True) -> dict:
     """The saved config with the flags a resumed run may change: `fixed` ones (model, process,
-    optimiser, run) must equal the saved value; `steps_key` may only extend the run (when `extend`)."""
+    optimiser, run) must equal the saved value; `steps_key` may only extend the run (if `extend`)."""
     for key, value in given.items():
         if value is None or value == saved.get(key):
             continue
         flag = "--" + key.replace("_", "-")
         if key == steps_key and extend:
             if value < step:
-                raise UserError(f"the checkpoint {path} is at step {step}; {flag} must be at least that")
+                raise UserError(f"the checkpoint {path} is at step {step}; {flag} must be at least "
+                                "that")
             continue
         if key in fixed or key == steps_key:
-            raise UserError(f"the checkpoint {path} has {key}={saved.get(key)}: a resumed run keeps what "
-                            f"defines it; drop {flag} or pass another --out")
+            raise UserError(f"the checkpoint {path} has {key}={saved.get(key)}: a resumed run keeps "
+                            f"what defines it; drop {flag} or pass another --out")
     return {**saved, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -582,7 +589,8 @@ class Checkpointer:
     while weights, optimizer and EMA are still those the step began with. A signal is acted on
     there (within a step); a second one stops at once."""
 
-    def __init__(self, save: Callable[[int, dict], None], every: int, where: Path, seconds: float = 120.0):
+    def __init__(self, save: Callable[[int, dict], None], every: int, where: Path,
+                 seconds: float = 120.0):
         self.save, self.every, self.where, self.seconds = save, every, where, seconds
         self.signum, self.first, self.rng, self.old = None, None, None, {}
 
@@ -604,7 +612,8 @@ class Checkpointer:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise self._stop(signum, f"again: stopped at once; {self.where} holds the last saved step")
+            raise self._stop(signum, f"again: stopped at once; {self.where} holds the last saved "
+                             "step")
         self.signum = signum
 
     def begin(self, step: int) -> None:
@@ -619,7 +628,8 @@ class Checkpointer:
             self.save(step, self.rng)
             self.t_saved = time.monotonic()
         if self.signum is not None:
-            raise self._stop(self.signum, f"at step {step}: saved it in {self.where}; continue with --resume")
+            raise self._stop(self.signum, f"at step {step}: saved it in {self.where}; continue with "
+                             "--resume")
 
 
 # -- plotting --------------------------------------------------------------------------------
@@ -1008,11 +1018,12 @@ def epoch_batches(n: int, batch_size: int, d: Dist, seed: int, step: int):
     """Endless batches of indices into n items: each epoch a new shuffle (fixed by seed and epoch)
     cut in one share per process. Starting at `step` replays the same order, so --resume continues
     the same run."""
-    sampler = torch.utils.data.DistributedSampler(range(n), d.world_size, d.rank, shuffle=True, seed=seed,
-                                                  drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(range(n), d.world_size, d.rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
     if per_epoch == 0:
-        raise UserError(f"{n} training images are fewer than one batch per process; lower --batch-size")
+        raise UserError(f"{n} training images are fewer than one batch per process; "
+                        "lower --batch-size")
     epoch, skip = divmod(step, per_epoch)
     while True:
         sampler.set_epoch(epoch)

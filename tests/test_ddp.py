@@ -36,6 +36,7 @@ def test_ddpm_two_processes_stay_in_sync(tiny_mnist, tmp_path):
 def test_an_error_on_one_rank_ends_every_rank(stem, tiny_mnist, tmp_path):
     (tmp_path / "f").write_text("x")
     proc = torchrun([str(ROOT / f"{stem}.py"), "--preset", "smoke", "--device", "cpu",
-                     "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "f")], tmp_path, timeout=120)
+                     "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "f")], tmp_path,
+                    timeout=120)
     assert proc.returncode != 0
     assert "is a file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

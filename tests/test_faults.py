@@ -50,14 +50,15 @@ def sigterm(loss):
 def test_05_sigterm_then_resume_is_the_same_run_and_nan_keeps_the_good_checkpoint(
         tiny_mnist, tmp_path, monkeypatch):
     base = ["--preset", "smoke", "--data-dir", str(tiny_mnist), "--steps", "6", "--n-samples", "2",
-            "--bound-images", "2"]
+            "--bound-images", "2", "--no-judge"]
     ddpm.main(base + ["--out", str(tmp_path / "straight")])
     with monkeypatch.context() as mp:
         patch_loss(mp, ddpm, "loss_simple", 3, sigterm)
         with pytest.raises(common.Interrupted, match="SIGTERM.*step 3"):
             ddpm.main(base + ["--out", str(tmp_path / "cut")])
     assert ckpt(tmp_path / "cut")["step"] == 3
-    ddpm.main(["--resume", "--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist)])
+    ddpm.main(["--resume", "--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist),
+               "--no-judge"])
     a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "cut")
     for key in ("model", "ema", "opt", "losses", "step", "rng"):
         assert equal_states(a[key], b[key]), key
@@ -72,16 +73,17 @@ def test_05_sigterm_then_resume_is_the_same_run_and_nan_keeps_the_good_checkpoin
     assert equal_states(bad["losses"], a["losses"][:4])
 
 
-def test_06_ctrl_c_then_resume_is_the_same_run_and_resume_keeps_the_run(tiny_mnist, tmp_path, monkeypatch):
+def test_06_ctrl_c_then_resume_is_the_same_run_and_resume_keeps_the_run(
+        tiny_mnist, tmp_path, monkeypatch):
     base = ["--preset", "smoke", "--data-dir", str(tiny_mnist), "--steps", "6", "--lik-images", "0",
-            "--n-samples", "2"]
+            "--n-samples", "2", "--no-judge"]
     sde.main(base + ["--out", str(tmp_path / "straight")])
     with monkeypatch.context() as mp:
         patch_loss(mp, sde, "dsm_loss", 2, lambda loss: signal.raise_signal(signal.SIGINT) or loss)
         with pytest.raises(common.Interrupted, match="SIGINT.*step 2"):
             sde.main(base + ["--out", str(tmp_path / "cut")])
     metrics = sde.main(["--resume", "--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist),
-                        "--lik-images", "0"])
+                        "--lik-images", "0", "--no-judge"])
     assert metrics["steps"] == 6
     a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "cut")
     for key in ("model", "ema", "optimizer", "losses", "step", "rng_state"):
@@ -89,10 +91,13 @@ def test_06_ctrl_c_then_resume_is_the_same_run_and_resume_keeps_the_run(tiny_mni
 
     # the checkpoint decides the run: --resume alone trains nothing more; flags that would change
     # the run are refused; --steps extends it
-    out = ["--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist), "--lik-images", "0"]
+    out = ["--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist), "--lik-images", "0",
+           "--no-judge"]
     assert "train_seconds" not in sde.main(["--resume", *out])
-    for flags, word in ((["--preset", "cpu"], "preset"), (["--lr", "1"], "lr"), (["--batch-size", "4"], "batch_size"),
-                        (["--sde", "ve"], "sde"), (["--seed", "3"], "seed"), (["--steps", "5"], "at step 6")):
+    refused = ((["--preset", "cpu"], "preset"), (["--lr", "1"], "lr"),
+               (["--batch-size", "4"], "batch_size"), (["--sde", "ve"], "sde"),
+               (["--seed", "3"], "seed"), (["--steps", "5"], "at step 6"))
+    for flags, word in refused:
         with pytest.raises(common.UserError, match=word):
             sde.main(["--resume", *out, *flags])
     assert sde.main(["--resume", "--steps", "7", *out])["steps"] == 7
@@ -100,8 +105,9 @@ def test_06_ctrl_c_then_resume_is_the_same_run_and_resume_keeps_the_run(tiny_mni
 
 @pytest.mark.parametrize("stem", STEMS[1:])
 def test_another_scripts_checkpoint_is_refused_before_anything_is_written(stem, tmp_path):
-    other = "05_ddpm_mnist" if stem == "04_sohl_dickstein_swissroll" else "04_sohl_dickstein_swissroll"
-    common.save_checkpoint(tmp_path / "ckpt.pt", {"model": {}, "config": {"T": 3}, "step": 1}, other)
+    other = STEMS[4] if stem == STEMS[3] else STEMS[3]
+    state = {"model": {}, "config": {"T": 3}, "step": 1}
+    common.save_checkpoint(tmp_path / "ckpt.pt", state, other)
     with pytest.raises(common.UserError, match=f"written by {other}.py, not by {stem}.py"):
         load_script(stem).main(["--out", str(tmp_path), "--resume", "--device", "cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
@@ -124,7 +130,8 @@ def test_01_diverging_langevin_is_one_error(tmp_path):
 def test_02_and_04_resume_alone_continue_the_run(tmp_path):
     m2, m4 = load_script("02_ncsn_toy"), load_script("04_sohl_dickstein_swissroll")
     out2, out4 = str(tmp_path / "02"), str(tmp_path / "04")
-    m2.main(["--preset", "smoke", "--out", out2, "--n-iters", "30", "--T", "2", "--n-samples", "100"])
+    m2.main(["--preset", "smoke", "--out", out2, "--n-iters", "30", "--T", "2",
+             "--n-samples", "100"])
     assert m2.main(["--resume", "--out", out2])["step"] == 30
     with pytest.raises(common.UserError, match="lr"):
         m2.main(["--resume", "--out", out2, "--lr", "1"])
@@ -164,13 +171,14 @@ def test_corrupt_idx_file_is_called_corrupt(tiny_mnist, tmp_path):
 
 def test_checkpointer_saves_verified_steps_only(tmp_path):
     saved = []
-    guard = common.Checkpointer(lambda step, rng: saved.append(step), every=3, where=tmp_path, seconds=1e9)
+    save = lambda step, rng: saved.append(step)
+    guard = common.Checkpointer(save, every=3, where=tmp_path, seconds=1e9)
     with pytest.raises(common.UserError), guard:
         for step in range(10):
             guard.begin(step)
             guard.verified(torch.tensor(float("nan") if step == 7 else 1.0), step)
     assert saved == [3, 6]
-    guard = common.Checkpointer(lambda step, rng: saved.append(step), every=100, where=tmp_path, seconds=0)
+    guard = common.Checkpointer(save, every=100, where=tmp_path, seconds=0)
     with pytest.raises(common.Interrupted) as err, guard:
         for step in range(10):
             guard.begin(step)

@@ -896,7 +896,7 @@ def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, di
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(folder / fname, {"model": net.state_dict(), "record": record})
+            save_checkpoint(folder / fname, {"model": net.state_dict(), "record": record}, "judge")
             break
         except OSError:
             continue

@@ -896,7 +896,8 @@ def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, di
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(folder / fname, {"model": net.state_dict(), "record": record}, "judge")
+            state = {"model": net.state_dict(), "record": record}
+            save_checkpoint(folder / fname, state, "judge")
             break
         except OSError:
             continue

@@ -100,6 +100,7 @@ def parse_args(argv):
     parser.add_argument("--n-steps", type=common.positive_int, help="steps of plain Langevin and MALA")
     parser.add_argument("--T", type=common.positive_int, help="annealed Langevin: steps per noise level")
     parser.add_argument("--eps", type=common.positive_float, help="annealed Langevin: eps of alpha_i")
+    parser.set_defaults(seed=0)
     return parser.parse_args(argv)
 
 
@@ -476,9 +477,8 @@ def configure(args):
     overrides = {f: getattr(args, f) for f in ("components", "n_samples", "step", "n_steps", "T", "eps")}
     cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     common.seed_everything(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = {"preset": preset, "seed": args.seed, **asdict(cfg)}
-    common.write_json(args.out / "config.json", config)
+    out = common.prepare_out(args.out)
+    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
     return cfg, preset
 
 
@@ -560,7 +560,8 @@ def run(args) -> dict:
     for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
         t0 = time.perf_counter()
         samples[name], extras = sample_fn()
-        common.check_finite(samples[name], 0)
+        common.check_finite(samples[name], None, f"a sample of {name}",
+                            "try a smaller --step or --eps")
         seconds = time.perf_counter() - t0
         steps_per_s = (n_steps or extras["nfe"]) / seconds
         results[name] = {**extras, "seconds": seconds, "steps_per_s": steps_per_s}

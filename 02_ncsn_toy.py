@@ -76,13 +76,17 @@ PRESETS = {
     "gpu": Config(n_iters=20000, n_levels=100, n_samples=10000, width=256),
 }
 DATASETS = ("mixture", "swissroll", "checkerboard")
+STEM = "02_ncsn_toy"
+FIXED = ("dataset", "loss", "n_levels", "lr")  # a resumed run keeps these; --n-iters may extend it
 
 
 def parse_args(argv):
-    parser = common.base_parser(__doc__, "02_ncsn_toy")
+    parser = common.base_parser(__doc__, STEM)
     parser.add_argument("--dataset", choices=DATASETS, help="2-D data to learn (default: mixture)")
     parser.add_argument("--loss", choices=["dsm", "ssm"], help="denoising (default) or sliced score matching")
-    parser.add_argument("--n-iters", type=common.positive_int, help="training steps (total, when resuming)")
+    parser.add_argument("--n-iters", type=common.positive_int,
+                        help="training steps (with --resume: extend the run to this many; "
+                        "the lr is constant)")
     parser.add_argument("--n-levels", type=common.positive_int, help="number of noise levels L")
     parser.add_argument("--T", type=common.positive_int, help="annealed Langevin steps per noise level")
     parser.add_argument("--n-samples", type=common.positive_int, help="particles to sample")
@@ -222,26 +226,28 @@ class ScoreMLP(nn.Module):
 # -- training loop ----------------------------------------------------------------------------------
 
 
-def train(model, ema, opt, cfg: Config, step: int, losses: list, device, save) -> int:
+def train(model, ema, opt, cfg: Config, step: int, losses: list, device, ckpt) -> int:
+    """Adam on the loss; the checkpointer checks every loss and saves verified steps."""
     loss_fn = dsm_loss if cfg.loss == "dsm" else ssm_loss
-    bar = tqdm(range(step, cfg.n_iters), desc="train", initial=step, total=cfg.n_iters, mininterval=1.0)
-    try:
-        for step in bar:
+    bar = tqdm(total=cfg.n_iters, desc="train", initial=step, mininterval=1.0)
+    with ckpt:
+        for step in range(step, cfg.n_iters + 1):
+            ckpt.begin(step)
             x = sample_data(cfg.dataset, cfg.batch_size).to(device)
             idx = torch.randint(0, len(model.sigmas), (cfg.batch_size,), device=device)
             loss = loss_fn(model, x, model.sigmas, idx)
-            common.check_finite(loss, step)
+            ckpt.verified(loss, step, last=step == cfg.n_iters)
+            if step == cfg.n_iters:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             ema.update_parameters(model)
             losses.append(loss.item())
+            bar.update(1)
             if step % 100 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        step = cfg.n_iters
-    except KeyboardInterrupt:
-        save(step)
-        raise
+    bar.close()
     return step
 
 
@@ -320,24 +326,31 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
 
 
-def run(args) -> dict:
+def prepare(args) -> tuple:
+    """Device, output folder, preset and config; for --resume and --sample-only the checkpoint's."""
     device = common.get_device(args.device)
-    preset = common.resolve_preset(args.preset, device)
+    out = common.prepare_out(args.out)
     flags = {"dataset": args.dataset, "loss": args.loss, "n_iters": args.n_iters, "n_levels": args.n_levels,
              "T": args.T, "n_samples": args.n_samples, "lr": args.lr}
-    cfg = replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
-    out, ckpt_path = args.out, args.out / "ckpt.pt"
-    ckpt = common.load_checkpoint(ckpt_path) if (args.resume or args.sample_only) else None
-    if ckpt is not None:  # the trained model fixes the data, the loss and the noise levels
-        trained = Config(**ckpt["config"])
-        for field in ("dataset", "loss", "n_levels", "width", "depth"):
-            if flags.get(field) is not None and flags[field] != getattr(trained, field):
-                raise common.UserError(f"the checkpoint in {out} has {field}={getattr(trained, field)}, not "
-                                       f"{flags[field]}; drop the flag or pass another --out")
-        cfg = replace(cfg, **{f: getattr(trained, f) for f in ("dataset", "loss", "sigma_1", "sigma_L", "n_levels",
-                                                                  "width", "depth")})
+    if not (args.resume or args.sample_only):
+        args.seed = 0 if args.seed is None else args.seed
+        preset = common.resolve_preset(args.preset, device)
+        cfg = replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
+        return device, out, preset, cfg, None
+    ckpt = common.load_checkpoint(out / "ckpt.pt", STEM)
+    saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
+    fixed = FIXED + ("preset", "seed") if args.resume else FIXED + ("preset",)
+    given = {**flags, "preset": args.preset, "seed": args.seed}
+    cfg = common.resume_config(saved, given, fixed, ckpt["step"], out / "ckpt.pt",
+                               steps_key="n_iters", extend=args.resume)
+    args.seed = cfg.pop("seed")
+    return device, out, cfg.pop("preset"), Config(**cfg), ckpt
+
+
+def run(args) -> dict:
+    device, out, preset, cfg, ckpt = prepare(args)
+    ckpt_path = out / "ckpt.pt"
     common.seed_everything(args.seed)
-    out.mkdir(parents=True, exist_ok=True)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
 
     sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
@@ -346,21 +359,21 @@ def run(args) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, losses = 0, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+            common.load_state(obj, ckpt[key], ckpt_path)
         step, losses = ckpt["step"], ckpt["losses"].tolist()
         common.set_rng_state(ckpt["rng_state"])
 
-    def save(at_step: int) -> None:
-        common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                           "optimizer": opt.state_dict(), "step": at_step, "config": asdict(cfg),
-                                           "losses": torch.tensor(losses), "rng_state": common.rng_state()})
+    def save(at_step: int, rng: dict) -> None:
+        common.save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": at_step, "config": asdict(cfg), "preset": preset, "seed": args.seed,
+            "losses": torch.tensor(losses[:at_step]), "rng_state": rng}, STEM)
 
     t0, step0 = time.perf_counter(), step
-    if not args.sample_only:
-        step = train(model, ema, opt, cfg, step, losses, device, save)
-        save(step)
+    if not args.sample_only and step < cfg.n_iters:
+        checkpointer = common.Checkpointer(save, 1000, ckpt_path)
+        step = train(model, ema, opt, cfg, step, losses, device, checkpointer)
         print(f"trained {step - step0} steps in {time.perf_counter() - t0:.1f} s, "
               f"final loss {np.mean(losses[-200:]):.4f}")
     train_s = time.perf_counter() - t0

@@ -85,14 +85,20 @@ PRESETS = {
 FP32 = {"cpu": dict(steps=750)}
 
 
+STEM = "03_ncsn_cifar10"
+FIXED = ("image_size", "batch_size", "lr", "sigma_end", "preset")  # a resumed run keeps these
+
+
 def parse_args(argv):
-    p = common.base_parser(__doc__.split("\n\n")[0], "03_ncsn_cifar10", image=True)
+    p = common.base_parser(__doc__.split("\n\n")[0], STEM, image=True)
     p.add_argument("--image-folder", type=Path, help="train on this folder of images (one sub-folder per class, "
                    "torchvision ImageFolder) instead of CIFAR-10; resized and centre-cropped to --image-size")
     p.add_argument("--test-folder", type=Path, help="held-out images for the DSM curve (default: the CIFAR-10 "
                    "test split, or 1,000 images held out of --image-folder)")
     p.add_argument("--image-size", type=common.positive_int, help="side of the square images (preset's default)")
-    p.add_argument("--steps", type=common.positive_int, help="training steps (with --resume: the new total)")
+    p.add_argument("--steps", type=common.positive_int,
+                   help="training steps (with --resume: extend the run to this many; the lr is "
+                   "constant after warm-up, so this is the longer run)")
     p.add_argument("--batch-size", type=common.positive_int,
                    help="batch size PER PROCESS; under torchrun the global batch is world_size x this")
     p.add_argument("--lr", type=common.positive_float, help="Adam learning rate")
@@ -102,21 +108,58 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def make_config(args, preset: str, device, quiet: bool = False) -> Config:
-    cfg = Config(**common.fit_preset(dataclasses.asdict(PRESETS[preset]), device, FP32.get(preset, {}), quiet))
+def make_config(args, device, quiet: bool = False) -> tuple[str, Config, dict | None]:
+    """Preset, config and checkpoint: from the preset and flags, or for --resume and --sample-only
+    from the checkpoint, with only the flags that keep its run."""
     flags = {"image_size": args.image_size, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "n_steps_each": args.n_steps_each, "sigma_end": args.sigma_end, "n_samples": args.n_samples}
-    return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.resume or args.sample_only:
+        ckpt = common.load_checkpoint(args.out / "ckpt.pt", STEM)
+        saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
+        fixed = FIXED + (("seed",) if args.resume else ())
+        given = {**flags, "preset": args.preset, "seed": args.seed}
+        cfg = common.resume_config(saved, given, fixed, ckpt["step"], args.out / "ckpt.pt",
+                                   extend=args.resume)
+        args.seed, preset = cfg.pop("seed"), cfg.pop("preset")
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        return preset, Config(**cfg), ckpt
+    args.seed = 0 if args.seed is None else args.seed
+    preset = common.resolve_preset(args.preset, device, quiet)
+    values = dataclasses.asdict(PRESETS[preset])
+    values = common.fit_preset(values, device, FP32.get(preset, {}), quiet)
+    cfg = dataclasses.replace(Config(**values), **{k: v for k, v in flags.items() if v is not None})
+    if cfg.image_size < 2 ** (len(cfg.mults) - 1) or cfg.image_size < 4:
+        least = max(4, 2 ** (len(cfg.mults) - 1))
+        raise common.UserError(f"--image-size {cfg.image_size} is too small for this preset's "
+                               f"U-Net; use at least {least}")
+    return preset, cfg, None
 
 
 # -- data ------------------------------------------------------------------------------------
 
 
 def image_tensor(dataset, max_n: int | None = None) -> torch.Tensor:
-    """All (or the first max_n) images of a torchvision dataset as one uint8 tensor (N, C, H, W)."""
+    """All (or the first max_n) images of a torchvision dataset as one uint8 tensor (N, C, H, W);
+    images the folder reader returned as None (unreadable files) are left out."""
     n = len(dataset) if max_n is None else min(max_n, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=500)
-    return torch.cat([x for x, _ in loader])
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=500,
+                                         collate_fn=lambda b: [x for x, _ in b if x is not None])
+    images = [x for batch in loader for x in batch]
+    if not images:
+        raise common.UserError("no readable images found")
+    return torch.stack(images)
+
+
+def read_image(path: str):
+    """An image file as RGB, or None (with a warning) when it is truncated or not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        print(f"warning: skipping {path}: {err}")
+        return None
 
 
 def load_data(args, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +171,8 @@ def load_data(args, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 
     def folder(path: Path):
         try:
-            return datasets.ImageFolder(str(path), transform=tf)
+            return datasets.ImageFolder(str(path), loader=read_image,
+                                        transform=lambda img: img if img is None else tf(img))
         except (FileNotFoundError, OSError) as err:
             raise common.UserError(f"cannot read images from {path}: {err}") from None
 
@@ -343,119 +387,9 @@ def plot_dsm_curve(sigmas: list, losses: list, path: Path) -> None:
     plt.close(fig)
 
 
-# -- training loop ------------------------------------------------------------------------------
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = common.get_device(args.device)
-    dist, device = common.ddp_setup(device)
-    preset = common.resolve_preset(args.preset, device, quiet=not dist.is_main)
-    out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
-    ckpt = common.load_checkpoint(ckpt_path) if (args.resume or args.sample_only) else None
-    cfg = make_config(args, preset, device, quiet=not dist.is_main)
-    if ckpt is not None:  # the trained shape wins; --steps and sampling flags may still change
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
-        keep = {k: getattr(cfg, k) for k in ("steps", "n_samples") if getattr(args, k) is not None}
-        cfg = dataclasses.replace(Config(**saved), **keep)
-    common.seed_everything(args.seed + dist.rank)
-    log = print if dist.is_main else (lambda *a, **k: None)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        common.write_json(out / "config.json", {**dataclasses.asdict(cfg), "preset": preset,
-                                                    **{k: str(v) for k, v in vars(args).items()}})
-    t0 = time.time()
-    train, test = load_data(args, cfg)
-    log(f"{len(train)} training and {len(test)} held-out images of {tuple(train.shape[1:])} "
-        f"({time.time() - t0:.0f} s to load)")
-
-    # -- the five techniques, computed ------------------------------------------------------------
-    if ckpt is not None:
-        sched = ckpt["schedule"]
-    else:
-        D = train[0].numel()
-        subset = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:cfg.sigma1_subset]]
-        sigma_1 = max_pairwise_distance(to_float(subset.to(device)))  # Technique 1
-        sigma_1 = common.all_reduce_mean(sigma_1, dist, device)  # the same value on every rank
-        gamma = solve_gamma(D)  # Technique 2
-        L = num_noise_levels(sigma_1, cfg.sigma_end, gamma)
-        gamma_used = (sigma_1 / cfg.sigma_end) ** (1 / (L - 1))
-        eps = solve_step_size(gamma_used, cfg.sigma_end, cfg.n_steps_each)  # Technique 4
-        sched = {"D": D, "sigma_1": sigma_1, "sigma_1_subset": len(subset), "sigma_L": cfg.sigma_end,
-                 "gamma": gamma, "L": L, "gamma_used": gamma_used, "T": cfg.n_steps_each, "eps": eps,
-                 "eq4_ratio": langevin_variance_ratio(eps, gamma_used, cfg.sigma_end, cfg.n_steps_each)}
-    sigmas = geometric_sigmas(sched["sigma_1"], sched["sigma_L"], sched["L"]).to(device)
-    log(f"Technique 1: sigma_1 = {sched['sigma_1']:.2f} (largest distance among {sched['sigma_1_subset']} images) | "
-        f"2: gamma = {sched['gamma']:.4f} -> L = {sched['L']} | 4: eps = {sched['eps']:.3g} for T = {sched['T']} "
-        f"(Eq. 4 = {sched['eq4_ratio']:.3f})")
-
-    model = build_model(cfg).to(device)
-    ema = common.make_ema(model, cfg.ema_decay)  # Technique 5
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, losses = 0, []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, losses = ckpt["step"], list(ckpt["losses"])
-        common.set_rng_state(ckpt["rng_state"])
-    net = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
-    score_fn = score_in_fp32(net, cfg.bf16, device)
-    log(f"U-Net without time embedding: {common.count_params(model) / 1e6:.2f}M parameters")
-
-    def save():
-        if dist.is_main:
-            common.save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "step": step, "losses": losses, "config": dataclasses.asdict(cfg), "schedule": sched,
-                "rng_state": common.rng_state()})
-
-    sampler = (torch.utils.data.DistributedSampler(torch.utils.data.TensorDataset(train), shuffle=True, seed=args.seed)
-               if dist.enabled else None)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train), batch_size=cfg.batch_size,
-                                         shuffle=sampler is None, sampler=sampler,
-                                         drop_last=len(train) >= cfg.batch_size)
-    t_train, start = time.time(), step
-    if not args.sample_only and step < cfg.steps:
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not dist.is_main, mininterval=2)
-        epoch = step // max(1, len(loader))
-        try:
-            while step < cfg.steps:
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                for (xb,) in loader:
-                    x = to_float(xb.to(device), flip=True)
-                    sigma = sigmas[torch.randint(len(sigmas), (len(x),), device=device)]
-                    for group in opt.param_groups:
-                        group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-                    loss = dsm_loss(score_fn, x, sigma).mean()  # averaged over levels and images
-                    common.check_finite(loss, step)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    ema.update_parameters(model)
-                    losses.append(loss.item())
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                    if step >= cfg.steps:
-                        break
-                epoch += 1
-        except KeyboardInterrupt:
-            save()
-            raise
-        bar.close()
-        save()
-    train_time = time.time() - t_train
-    metrics = {"preset": preset, "schedule": sched, "n_params": common.count_params(model), "steps": step,
-               "train_time_s": train_time, "steps_per_s": (step - start) / train_time if step > start else None,
-               "final_loss_mean_100": float(np.mean(losses[-100:])) if losses else None}
-    if dist.enabled:
-        metrics["ddp"] = {"world_size": dist.world_size,
-                          "param_max_abs_diff": common.ddp_param_divergence(model, dist, device)}
-
-    # -- sampling with the EMA weights, split across ranks ------------------------------------------
+def evaluate(args, cfg, dist, device, sched, sigmas, ema, train, test, metrics) -> tuple:
+    """Annealed Langevin samples with the EMA weights (split across ranks), the held-out DSM loss per
+    level and image statistics, into metrics; returns the images the figures need."""
     ema_score = score_in_fp32(ema.module.eval(), cfg.bf16, device)
     t_sample = time.time()
     n_local = math.ceil(cfg.n_samples / dist.world_size)
@@ -481,19 +415,147 @@ def main(argv=None) -> dict:
         "samples": common.sliced_wasserstein(clamped[:n].flatten(1).numpy(), real[:n].flatten(1).numpy()),
         "floor_train": common.sliced_wasserstein(to_float(train[:n]).flatten(1).numpy(), real[:n].flatten(1).numpy()),
         "uniform_noise": common.sliced_wasserstein(x0[:n].cpu().flatten(1).numpy(), real[:n].flatten(1).numpy())}
+    return samples, x0, x, snaps, snap_levels
+
+
+def write_outputs(out, sched, sigmas, losses, metrics, samples, x0, x, snaps, snap_levels) -> None:
+    clamped, k = samples.clamp(0, 1), min(8, len(x))
+    torch.save(samples, out / "samples.pt")
+    common.save_image_grid(upscale(clamped), out / "samples.png", nrow=10, value_range=(0, 1))
+    plot_strip([upscale(x0[:k])] + [upscale(s[:k]) for s in snaps] + [upscale(x[:k])],
+               ["uniform"] + [f"σ={sigmas[i].item():.2g}" for i in snap_levels] + ["denoised"],
+               out / "ald_strip.png")
+    plot_techniques(sched, sigmas.cpu(), out / "sigmas.png")
+    dsm = metrics["heldout_dsm"]
+    plot_dsm_curve(dsm["sigma"], dsm["loss"], out / "dsm_per_level.png")
+    if losses:
+        common.plot_loss(losses, out / "loss.png", title="DSM loss (per dimension), all levels")
+    common.write_json(out / "metrics.json", metrics)
+
+
+# -- training loop ------------------------------------------------------------------------------
+
+
+def techniques(train: torch.Tensor, cfg: Config, dist, device) -> dict:
+    """Techniques 1, 2 and 4 computed from the training images."""
+    D = train[0].numel()
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    subset = train[perm[:cfg.sigma1_subset]]
+    sigma_1 = max_pairwise_distance(to_float(subset.to(device)))  # Technique 1
+    sigma_1 = common.all_reduce_mean(sigma_1, dist, device)  # the same value on every rank
+    if not cfg.sigma_end < sigma_1:
+        raise common.UserError(f"--sigma-end {cfg.sigma_end} is not below sigma_1 = {sigma_1:.3g} "
+                               "(the largest distance between training images); lower it")
+    gamma = solve_gamma(D)  # Technique 2
+    L = num_noise_levels(sigma_1, cfg.sigma_end, gamma)
+    gamma_used = (sigma_1 / cfg.sigma_end) ** (1 / (L - 1))
+    sched = {"D": D, "sigma_1": sigma_1, "sigma_1_subset": len(subset), "sigma_L": cfg.sigma_end,
+             "gamma": gamma, "L": L, "gamma_used": gamma_used}
+    return technique4(sched, cfg.n_steps_each)
+
+
+def technique4(sched: dict, T: int) -> dict:
+    """Technique 4: the step size eps for T Langevin steps per level."""
+    eps = solve_step_size(sched["gamma_used"], sched["sigma_L"], T)
+    return {**sched, "T": T, "eps": eps,
+            "eq4_ratio": langevin_variance_ratio(eps, sched["gamma_used"], sched["sigma_L"], T)}
+
+
+def setup(args, dist, device, log) -> tuple:
+    """Config, data, noise levels, model, EMA and optimizer (restored from the checkpoint)."""
+    common.prepare_out(args.out)
+    preset, cfg, ckpt = make_config(args, device, quiet=not dist.is_main)
+    common.seed_everything(args.seed + dist.rank)
+    t0 = time.time()
+    train, test = load_data(args, cfg)
+    log(f"{len(train)} training and {len(test)} held-out images of {tuple(train.shape[1:])} "
+        f"({time.time() - t0:.0f} s to load)")
+    sched = techniques(train, cfg, dist, device) if ckpt is None else ckpt["schedule"]
+    if sched["T"] != cfg.n_steps_each:
+        sched = technique4(sched, cfg.n_steps_each)
+    model = build_model(cfg).to(device)
+    ema = common.make_ema(model, cfg.ema_decay)  # Technique 5
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = {"step": 0, "losses": []}
+    if ckpt is not None:
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+            common.load_state(obj, ckpt[key], args.out / "ckpt.pt")
+        state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
+    return preset, cfg, ckpt, train, test, sched, model, ema, opt, state
+
+
+def train_loop(args, cfg, dist, device, train, sigmas, model, ema, opt, state, ckpt) -> None:
+    """Denoising score matching over all levels with Adam and EMA; the checkpointer checks every loss."""
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    score_fn = score_in_fp32(net, cfg.bf16, device)
+    batches = common.epoch_batches(len(train), cfg.batch_size, dist, args.seed, state["step"])
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", disable=not dist.is_main, mininterval=2)
+    with ckpt:
+        for step in range(state["step"], cfg.steps + 1):
+            ckpt.begin(step)
+            x = to_float(train[next(batches)].to(device), flip=True)
+            sigma = sigmas[torch.randint(len(sigmas), (len(x),), device=device)]
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            loss = dsm_loss(score_fn, x, sigma).mean()  # averaged over levels and images
+            ckpt.verified(loss, step, last=step == cfg.steps)
+            if step == cfg.steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update_parameters(model)
+            state["losses"].append(loss.item())
+            state["step"] = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    dist, device = common.ddp_setup(device)
+    log = print if dist.is_main else (lambda *a, **k: None)
+    out, ckpt_path, t0 = Path(args.out), Path(args.out) / "ckpt.pt", time.time()
+    with common.all_ranks_agree(dist, device):
+        preset, cfg, ckpt, train, test, sched, model, ema, opt, state = setup(args, dist, device, log)
+    if dist.is_main:
+        common.write_json(out / "config.json", {**dataclasses.asdict(cfg), "preset": preset,
+                                                **{k: str(v) for k, v in vars(args).items()}})
+    if ckpt is not None:
+        common.set_rng_state(ckpt["rng_state"])
+    sigmas = geometric_sigmas(sched["sigma_1"], sched["sigma_L"], sched["L"]).to(device)
+    log(f"Technique 1: sigma_1 = {sched['sigma_1']:.2f} (largest distance among {sched['sigma_1_subset']} images) | "
+        f"2: gamma = {sched['gamma']:.4f} -> L = {sched['L']} | 4: eps = {sched['eps']:.3g} for T = {sched['T']} "
+        f"(Eq. 4 = {sched['eq4_ratio']:.3f})")
+    log(f"U-Net without time embedding: {common.count_params(model) / 1e6:.2f}M parameters")
+
+    def save(at_step: int, rng: dict):
+        if dist.is_main:
+            common.save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "step": at_step, "losses": state["losses"][:at_step], "config": dataclasses.asdict(cfg),
+                "schedule": sched, "preset": preset, "seed": args.seed, "rng_state": rng}, STEM)
+
+    t_train, start = time.time(), state["step"]
+    if not args.sample_only and state["step"] < cfg.steps:
+        checkpointer = common.Checkpointer(save, 500, ckpt_path)
+        train_loop(args, cfg, dist, device, train, sigmas, model, ema, opt, state, checkpointer)
+    step, losses = state["step"], state["losses"]
+    train_time = time.time() - t_train
+    metrics = {"preset": preset, "schedule": sched, "n_params": common.count_params(model), "steps": step,
+               "train_time_s": train_time, "steps_per_s": (step - start) / train_time if step > start else None,
+               "final_loss_mean_100": float(np.mean(losses[-100:])) if losses else None}
+    if dist.enabled:
+        metrics["ddp"] = {"world_size": dist.world_size,
+                          "param_max_abs_diff": common.ddp_param_divergence(model, dist, device)}
+
+    images = evaluate(args, cfg, dist, device, sched, sigmas, ema, train, test, metrics)
     metrics["total_time_s"] = time.time() - t0
     if dist.is_main:
-        torch.save(samples, out / "samples.pt")
-        common.save_image_grid(upscale(clamped), out / "samples.png", nrow=10, value_range=(0, 1))
-        k = min(8, n_local)
-        plot_strip([upscale(x0[:k])] + [upscale(s[:k]) for s in snaps] + [upscale(x[:k])],
-                   ["uniform"] + [f"σ={sigmas[i].item():.2g}" for i in snap_levels] + ["denoised"],
-                   out / "ald_strip.png")
-        plot_techniques(sched, sigmas.cpu(), out / "sigmas.png")
-        plot_dsm_curve(metrics["heldout_dsm"]["sigma"], dsm, out / "dsm_per_level.png")
-        if losses:
-            common.plot_loss(losses, out / "loss.png", title="DSM loss (per dimension), all levels")
-        common.write_json(out / "metrics.json", metrics)
+        write_outputs(out, sched, sigmas, losses, metrics, *images)
         log(f"held-out DSM (mean over levels) {metrics['heldout_dsm']['mean']:.4f} | samples: saturated "
             f"{metrics['samples']['saturated']:.3f} (held-out {metrics['heldout_images']['saturated']:.3f}), "
             f"|Laplacian| {metrics['samples']['laplacian']:.3f} ({metrics['heldout_images']['laplacian']:.3f}) | "

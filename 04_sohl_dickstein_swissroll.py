@@ -73,7 +73,9 @@ PRESETS = {
 
 def parse_args(argv):
     parser = common.base_parser(__doc__, STEM)
-    parser.add_argument("--steps", type=common.positive_int, help="training steps (default: from the preset)")
+    parser.add_argument("--steps", type=common.positive_int,
+                        help="training steps (default: from the preset; with --resume: extend the "
+                        "run to this many, the cosine lr decay then spans the new total)")
     parser.add_argument("--lr", type=common.positive_float, help="Adam learning rate (default: from the preset)")
     parser.add_argument("--trunk", choices=["rbf", "mlp"], help="shared layers: the paper's normalized RBF "
                         "network or a tanh MLP (default: rbf)")
@@ -266,31 +268,33 @@ class ReverseModel(nn.Module):
 # -- training loop: gradient ascent on K (Sec. 2.4) -----------------------------------------
 
 
-def train(model, ema, opt, state: dict, cfg: Config, seed: int, save) -> list[float]:
+def train(model, ema, opt, state: dict, cfg: Config, seed: int, ckpt) -> list[float]:
     """Maximise K on fresh Swiss-roll batches; returns -K per step in bits. One t per example
     (the reference code draws one t per minibatch). A learned schedule gets its gradient through
-    the frozen noise of q_sample (Sec. 2.4.1)."""
+    the frozen noise of q_sample (Sec. 2.4.1). The checkpointer checks every loss and saves."""
     losses = state.setdefault("losses", [])
-    bar = tqdm(range(state["step"], cfg.steps), desc="train -K (bits)", mininterval=1.0)
-    try:
-        for step in bar:
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train -K (bits)", mininterval=1.0)
+    with ckpt:
+        for step in range(state["step"], cfg.steps + 1):
+            ckpt.begin(step)
             x0 = torch.from_numpy(swiss_roll(cfg.batch, seed * 1_000_003 + step, cfg.roll_noise))
             t = torch.randint(2, cfg.T + 1, (cfg.batch,))
             for group in opt.param_groups:  # cosine decay (the reference code decays its lr, too)
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             loss = -bound_K(model, x0, t, model.beta(), torch.randn_like(x0)).mean() / math.log(2)
-            common.check_finite(loss, step)
+            ckpt.verified(loss, step, last=step == cfg.steps)
+            if step == cfg.steps:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             ema.update_parameters(model)
             losses.append(loss.item())
             state["step"] = step + 1
+            bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    except KeyboardInterrupt:
-        save()
-        raise
+    bar.close()
     return losses
 
 
@@ -407,34 +411,35 @@ def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int, out, times: dict
     }
 
 
-def resolve_config(args, preset: str) -> tuple[Config, dict | None]:
-    """The preset with the flags given; with --resume or --sample-only, the checkpoint's config
-    (only --steps may change, on --resume), refusing flags that contradict it."""
-    given = {k: getattr(args, k) for k in ("steps", "lr", "trunk", "hidden", "schedule", "beta1")}
-    cfg = replace(PRESETS[preset], **{k: v for k, v in given.items() if v is not None})
+def prepare(args) -> tuple:
+    """Output folder, preset and config; for --resume and --sample-only the checkpoint's."""
+    device = common.get_device(args.device)
+    if device.type != "cpu":
+        print(f"a 2-D model this small is fastest on the CPU; ignoring --device {device}")
+    out = common.prepare_out(args.out)
+    flags = {k: getattr(args, k)
+             for k in ("steps", "lr", "trunk", "hidden", "schedule", "beta1")}
     if not (args.resume or args.sample_only):
-        return cfg, None
-    ckpt = common.load_checkpoint(args.out / "ckpt.pt")
-    saved = Config(**ckpt["config"])
-    clash = [f"--{k} {getattr(saved, k)}" for k in ("trunk", "hidden", "schedule", "beta1")
-             if given[k] is not None and given[k] != getattr(saved, k)]
-    if clash:
-        raise common.UserError(f"the checkpoint in {args.out} was trained with {', '.join(clash)}; "
-                               "pass the same values or another --out")
-    return (replace(saved, steps=cfg.steps) if args.resume else saved), ckpt
+        args.seed = 0 if args.seed is None else args.seed
+        preset = common.resolve_preset(args.preset, device)
+        cfg = replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
+        return out, preset, cfg, None
+    ckpt = common.load_checkpoint(out / "ckpt.pt", STEM)
+    saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
+    fixed = ("lr", "trunk", "hidden", "schedule", "beta1", "preset")
+    fixed += ("seed",) if args.resume else ()
+    given = {**flags, "preset": args.preset, "seed": args.seed}
+    cfg = common.resume_config(saved, given, fixed, ckpt["step"], out / "ckpt.pt",
+                               extend=args.resume)
+    args.seed = cfg.pop("seed")
+    return out, cfg.pop("preset"), Config(**cfg), ckpt
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = common.get_device(args.device)
-    if device.type != "cpu":
-        print(f"a 2-D model this small is fastest on the CPU; ignoring --device {device}")
-    preset = common.resolve_preset(args.preset, device)
+    out, preset, cfg, ckpt = prepare(args)
     torch.set_num_threads(1)  # tensors of a few thousand 2-D points: one thread is fastest
     common.seed_everything(args.seed)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    cfg, ckpt = resolve_config(args, preset)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
 
     model = ReverseModel(cfg.T, cfg.trunk, cfg.hidden, cfg.beta1, cfg.schedule == "learned")
@@ -442,30 +447,30 @@ def main(argv=None) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"step": 0, "losses": []}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+            common.load_state(obj, ckpt[key], out / "ckpt.pt")
         state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
         common.set_rng_state(ckpt["rng_state"])
 
-    def save():
+    def save(step: int, rng: dict):
         common.save_checkpoint(out / "ckpt.pt", {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": state["step"], "losses": state["losses"], "config": asdict(cfg), "rng_state": common.rng_state()})
+            "step": step, "losses": state["losses"][:step], "config": asdict(cfg), "preset": preset,
+            "seed": args.seed, "rng_state": rng}, STEM)
 
     times = {}
     K_init = None
-    if not args.sample_only:
+    if not args.sample_only and state["step"] < cfg.steps:
         if state["step"] == 0:
             x_init = torch.from_numpy(swiss_roll(cfg.n_eval, args.seed + 999_983, cfg.roll_noise))
             gen = torch.Generator().manual_seed(0)
             K_init = bound_K_full(model, x_init, model.beta().detach(), gen)
             K_init = float(K_init.mean()) / math.log(2)
         t0, step0 = time.perf_counter(), state["step"]
-        train(model, ema, opt, state, cfg, args.seed, save)
+        checkpointer = common.Checkpointer(save, 1000, out / "ckpt.pt")
+        train(model, ema, opt, state, cfg, args.seed, checkpointer)
         times["train_s"] = time.perf_counter() - t0
         times["steps_per_s"] = (state["step"] - step0) / max(times["train_s"], 1e-9)
-        save()
         common.plot_loss(state["losses"], out / "loss.png", title="-K (bits per sample), lower is better")
 
     t0 = time.perf_counter()

@@ -89,15 +89,19 @@ PRESETS = {
 # twice as much on 2 cores (0.56 s vs 0.27 s): fewer steps keep the run near 13 minutes (see README)
 FP32 = {"cpu": dict(steps=1100)}
 
+STEM = "05_ddpm_mnist"
+FIXED = ("dataset", "schedule", "batch_size", "lr", "preset")  # a resumed run keeps these
 FLAGS = {  # command-line overrides of Config (None = take the preset's value)
     "dataset": dict(choices=["mnist", "fashion-mnist"], help="training data"),
     "schedule": dict(choices=["linear", "cosine"], help="linear (Ho et al.) or cosine (Nichol & Dhariwal) betas"),
-    "steps": dict(type=common.positive_int, help="training steps"),
+    "steps": dict(type=common.positive_int,
+                  help="training steps (with --resume: extend the run to this many; the lr "
+                  "schedule then spans the new total)"),
     "batch_size": dict(type=common.positive_int, help="batch size PER PROCESS (global batch = world size x this)"),
     "lr": dict(type=common.positive_float, help="peak Adam learning rate"),
     "sampler": dict(choices=["ancestral", "ddim"], help="sampler of the final samples"),
     "sampling_steps": dict(type=common.positive_int, help="DDIM steps (ancestral always takes T)"),
-    "eta": dict(type=float, help="DDIM eta: 0 deterministic, 1 ancestral statistics"),
+    "eta": dict(type=common.nonnegative_float, help="DDIM eta: 0 deterministic, 1 ancestral"),
     "sigma": dict(choices=["beta", "posterior"], help="ancestral sigma_t^2: beta_t or the posterior variance"),
     "clip_x0": dict(action=argparse.BooleanOptionalAction, help="DDIM: clip the predicted x_0 to [-1, 1]"),
     "n_samples": dict(type=common.positive_int, help="number of final samples"),
@@ -110,7 +114,7 @@ FLAGS = {  # command-line overrides of Config (None = take the preset's value)
 
 
 def parse_args(argv):
-    parser = common.base_parser(__doc__.split("\n\n")[0], "05_ddpm_mnist", image=True)
+    parser = common.base_parser(__doc__.split("\n\n")[0], STEM, image=True)
     for name, kw in FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), default=None, **kw)
     return parser.parse_args(argv)
@@ -345,36 +349,37 @@ def lr_at(step: int, cfg: Config) -> float:
 # -- training loop -------------------------------------------------------------------------------
 
 
-def train(cfg, model, ema, opt, S, data, step, losses, dist, device, save) -> int:
-    """Algorithm 1 with Adam, warm-up, gradient clipping and an EMA of the weights. Returns the step."""
+def train(cfg, model, ema, opt, S, data, state, dist, device, ckpt) -> None:
+    """Algorithm 1 with Adam, warm-up, gradient clipping and an EMA of the weights; the checkpointer
+    checks every loss and saves verified steps."""
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     model.train()
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not dist.is_main,
-               mininterval=2, desc="train")
-    try:
-        for _ in bar:
+    losses = state["losses"]
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not dist.is_main, mininterval=2,
+               desc="train")
+    with ckpt:
+        for step in range(state["step"], cfg.steps + 1):
+            ckpt.begin(step)
             x0 = next(data).to(device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with common.autocast(device, cfg.bf16):
                 loss = loss_simple(net, x0, S)
-            common.check_finite(loss, step)
+            ckpt.verified(loss, step, last=step == cfg.steps)
+            if step == cfg.steps:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             ema.update_parameters(model)
-            step += 1
             losses.append(loss.item())
-            if step % cfg.log_every == 0:
+            state["step"] = step + 1
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{sum(losses[-cfg.log_every:]) / cfg.log_every:.4f}")
-            if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save(step)
-    except KeyboardInterrupt:
-        save(step)
-        raise
-    return step
+    bar.close()
 
 
 # -- evaluation and figures ---------------------------------------------------------------------
@@ -426,54 +431,75 @@ def plot_bound_terms(trace, path):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist, device = common.ddp_setup(common.get_device(args.device))
-    try:
-        return run(args, dist, device)
-    finally:
-        common.ddp_cleanup(dist)
+    with common.all_ranks_agree(dist, device):
+        prepared = prepare(args, dist, device)
+    metrics = run(args, dist, device, *prepared)
+    common.ddp_cleanup(dist)
+    return metrics
 
 
-def run(args, dist, device) -> dict:
-    wall0, out = time.perf_counter(), args.out
-    overrides = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
-    ckpt = None
+def run_config(args, device, quiet: bool) -> tuple[str, Config, dict | None]:
+    """Preset, config and checkpoint: from the preset and flags, or for --resume and --sample-only
+    from the checkpoint, with only the flags that keep its run."""
+    overrides = {k: getattr(args, k) for k in FLAGS}
     if args.resume or args.sample_only:
-        ckpt = common.load_checkpoint(out / "ckpt.pt", map_location=device)
-        cfg = make_config({**ckpt["config"], **overrides})
-    else:
-        preset = common.resolve_preset(args.preset, device, quiet=not dist.is_main)
-        values = common.fit_preset(PRESETS[preset], device, FP32.get(preset, {}), quiet=not dist.is_main)
-        cfg = make_config({**values, **overrides})
+        path = args.out / "ckpt.pt"
+        ckpt = common.load_checkpoint(path, STEM, map_location=device)
+        saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
+        given = {**overrides, "preset": args.preset, "seed": args.seed}
+        fixed = FIXED + (("seed",) if args.resume else ())
+        values = common.resume_config(saved, given, fixed, ckpt["step"], path, extend=args.resume)
+        args.seed = values.pop("seed")
+        return values.pop("preset"), make_config(values), ckpt
+    args.seed = 0 if args.seed is None else args.seed
+    preset = common.resolve_preset(args.preset, device, quiet=quiet)
+    values = {**common.fit_preset(PRESETS[preset], device, FP32.get(preset, {}), quiet=quiet),
+              **{k: v for k, v in overrides.items() if v is not None}}
+    return preset, make_config(values), None
+
+
+def prepare(args, dist, device) -> tuple:
+    """Output folder, config, model, EMA, optimizer and training state (from the checkpoint)."""
+    common.prepare_out(args.out)
+    preset, cfg, ckpt = run_config(args, device, quiet=not dist.is_main)
     common.seed_everything(args.seed + dist.rank)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        common.write_json(out / "config.json", asdict(cfg))
-    S = make_schedule(cfg.schedule, cfg.T)
     model = build_model(cfg).to(device)
     ema = common.make_ema(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, losses, metrics = 0, [], {"params": common.count_params(model), "world_size": dist.world_size}
+    state = {"step": 0, "losses": []}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, losses = ckpt["step"], list(ckpt["losses"])
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
+            common.load_state(obj, ckpt[key], args.out / "ckpt.pt")
+        state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
         common.set_rng_state(ckpt["rng"])
         if dist.enabled:  # the checkpoint holds rank 0's RNG; give every rank its own stream again
-            common.seed_everything(args.seed + 1000 * step + dist.rank)
+            common.seed_everything(args.seed + 1000 * state["step"] + dist.rank)
+    training = not args.sample_only and state["step"] < cfg.steps
+    train_x = load_images(cfg.dataset, args.data_dir, train=True) if training else None
+    return preset, cfg, model, ema, opt, state, train_x
 
-    def save(at_step):
+
+def run(args, dist, device, preset, cfg, model, ema, opt, state, train_x) -> dict:
+    wall0, out = time.perf_counter(), args.out
+    if dist.is_main:
+        common.write_json(out / "config.json", asdict(cfg))
+    S = make_schedule(cfg.schedule, cfg.T)
+    losses = state["losses"]
+    metrics = {"params": common.count_params(model), "world_size": dist.world_size}
+
+    def save(at_step: int, rng: dict):
         if dist.is_main:
-            common.save_checkpoint(out / "ckpt.pt", dict(model=model.state_dict(), ema=ema.state_dict(),
-                                   opt=opt.state_dict(), step=at_step, config=asdict(cfg), losses=losses,
-                                   rng=common.rng_state()))
+            common.save_checkpoint(out / "ckpt.pt", dict(
+                model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=at_step,
+                config=asdict(cfg), preset=preset, seed=args.seed, losses=losses[:at_step],
+                rng=rng), STEM)
 
-    if not args.sample_only and step < cfg.steps:
-        train_x = load_images(cfg.dataset, args.data_dir, train=True)
-        data = batches(train_x, cfg.batch_size, dist, args.seed, step)
-        start, t0 = step, time.perf_counter()
-        step = train(cfg, model, ema, opt, S, data, step, losses, dist, device, save)
-        train_s = time.perf_counter() - t0
-        save(step)
+    if train_x is not None:
+        data = batches(train_x, cfg.batch_size, dist, args.seed, state["step"])
+        start, t0 = state["step"], time.perf_counter()
+        train(cfg, model, ema, opt, S, data, state, dist, device,
+              common.Checkpointer(save, cfg.ckpt_every, out / "ckpt.pt"))
+        train_s, step = time.perf_counter() - t0, state["step"]
         metrics["train"] = {"steps": step, "steps_this_run": step - start, "wall_s": train_s,
                             "steps_per_s": (step - start) / train_s, "images": len(train_x),
                             "global_batch": cfg.batch_size * dist.world_size,

@@ -64,6 +64,7 @@ class Config:
     warmup: int = 100
     lr_decay: bool = True  # cosine decay to 0 after warm-up (a short run ends on small steps); paper: constant
     grad_clip: float = 1.0  # paper 1.0
+    ckpt_every: int = 500  # steps between checkpoints (and at least every 2 minutes)
     # paper (App. H.1): 0.999 for VE (NCSN++), 0.9999 for VP and sub-VP (DDPM++); the gpu
     # preset uses 0.9999 whatever the SDE
     ema_decay: float = 0.999
@@ -91,8 +92,7 @@ class Config:
 
 # Sampling ends at t = eps (then one Tweedie denoising step): paper and reference code.
 SAMPLE_EPS = {"ve": 1e-5, "vp": 1e-3, "subvp": 1e-3}
-MODEL_KEYS = ("sde", "sigma_min", "sigma_max", "beta_min", "beta_max", "base", "mults", "num_res_blocks",
-              "attn_levels", "dropout", "fourier_scale", "embed_dim")
+FIXED = ("sde", "batch_size", "lr", "preset")  # a resumed run keeps these; --steps may extend it
 
 PRESETS = {
     "smoke": dict(base=8, mults=(1, 2), num_res_blocks=1, attn_levels=(), steps=4, batch_size=8, warmup=2, n_samples=8,
@@ -114,7 +114,9 @@ FP32 = {"cpu": dict(steps=1000, n_compare=50, ode_tol=1e-3)}
 def parse_args(argv):
     p = common.base_parser(__doc__.split("\n\n")[0], STEM, image=True)
     p.add_argument("--sde", choices=["ve", "vp", "subvp"], help="the forward SDE (default: vp)")
-    p.add_argument("--steps", type=common.positive_int, help="training steps")
+    p.add_argument("--steps", type=common.positive_int,
+                   help="training steps (with --resume: extend the run to this many; the cosine "
+                   "lr decay then spans the new total)")
     p.add_argument("--batch-size", type=common.positive_int,
                    help="batch size PER PROCESS; under torchrun the global batch is world size x this")
     p.add_argument("--lr", type=common.positive_float, help="peak Adam learning rate")
@@ -135,17 +137,32 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def make_config(args, preset: str, device, quiet: bool = False) -> Config:
-    cfg = Config(**common.fit_preset({**asdict(Config()), **PRESETS[preset]}, device, FP32.get(preset, {}), quiet))
+def make_config(args, device, quiet: bool = False) -> tuple[str, Config, dict | None]:
+    """Preset, config and checkpoint: from the preset and flags, or for --resume and --sample-only
+    from the checkpoint, with only the flags that keep its run."""
     flags = {"sde": args.sde, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
              "sampler": args.sampler, "n_samples": args.n_samples, "n_steps": args.n_steps, "snr": args.snr,
              "ode_tol": args.ode_tol, "lik_images": args.lik_images, "bf16": args.bf16,
              "n_compare": args.n_compare, "judge": args.judge,
              "channels_last": args.channels_last, "compile": args.compile}
-    cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if cfg.lik_images < 0:
-        raise common.UserError(f"--lik-images must be 0 or positive, got {cfg.lik_images}")
-    return cfg
+    if args.lik_images is not None and args.lik_images < 0:
+        raise common.UserError(f"--lik-images must be 0 or positive, got {args.lik_images}")
+    if args.resume or args.sample_only:
+        path = args.out / "ckpt.pt"
+        ckpt = common.load_checkpoint(path, STEM)
+        saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
+        fixed = FIXED + (("seed",) if args.resume else ())
+        given = {**flags, "preset": args.preset, "seed": args.seed}
+        values = common.resume_config(saved, given, fixed, ckpt["step"], path, extend=args.resume)
+        args.seed, preset = values.pop("seed"), values.pop("preset")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return preset, Config(**values), ckpt
+    args.seed = 0 if args.seed is None else args.seed
+    preset = common.resolve_preset(args.preset, device, quiet=quiet)
+    values = {**asdict(Config()), **PRESETS[preset]}
+    values = common.fit_preset(values, device, FP32.get(preset, {}), quiet)
+    cfg = Config(**values)
+    return preset, replace(cfg, **{k: v for k, v in flags.items() if v is not None}), None
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -459,35 +476,32 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * decay
 
 
-def train(cfg, sde, model, ema, opt, data, state, dist, device, out, seed):
-    """Adam with linear warm-up (then cosine decay), gradient clipping, EMA after every step; Ctrl-C
-    saves a checkpoint."""
+def train(cfg, sde, model, ema, opt, data, state, dist, device, seed, ckpt) -> float:
+    """Adam with linear warm-up (then cosine decay), gradient clipping, EMA after every step; the
+    checkpointer checks every loss and saves verified steps. Returns the training seconds."""
     net = model
     if cfg.compile:
         net = torch.compile(net)
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    sampler = torch.utils.data.DistributedSampler(range(len(data)), num_replicas=dist.world_size, rank=dist.rank,
-                                                  shuffle=True, seed=seed, drop_last=True)
-    per_epoch = max(1, len(sampler) // cfg.batch_size)
-    bar = tqdm(range(state["step"], cfg.steps), desc="train", disable=not dist.is_main, mininterval=2)
-    t0, order = time.perf_counter(), None
-    try:
-        for step in bar:
-            epoch, pos = divmod(step, per_epoch)
-            if order is None or pos == 0:
-                sampler.set_epoch(epoch)
-                order = torch.tensor(list(sampler))
-            idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-            x0 = to_model_space(data[idx]).to(device)
+    batches = common.epoch_batches(len(data), cfg.batch_size, dist, seed, state["step"])
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", disable=not dist.is_main,
+               mininterval=2)
+    t0 = time.perf_counter()
+    with ckpt:
+        for step in range(state["step"], cfg.steps + 1):
+            ckpt.begin(step)
+            x0 = to_model_space(data[next(batches)]).to(device)
             if cfg.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with common.autocast(device, cfg.bf16):
                 loss = dsm_loss(net, sde, x0, cfg.train_eps)
-            common.check_finite(loss, step)
+            ckpt.verified(loss, step, last=step == cfg.steps)
+            if step == cfg.steps:
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -495,20 +509,18 @@ def train(cfg, sde, model, ema, opt, data, state, dist, device, out, seed):
             ema.update_parameters(model)
             state["losses"].append(loss.item())
             state["step"] = step + 1
+            bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(state['losses'][-20:]):.4f}")
-    except KeyboardInterrupt:
-        if dist.is_main:
-            save(out, cfg, model, ema, opt, state)
-            print(f"interrupted: checkpoint saved at step {state['step']} in {out / 'ckpt.pt'}")
-        raise
+    bar.close()
     return time.perf_counter() - t0
 
 
-def save(out, cfg, model, ema, opt, state):
+def save(out, cfg, model, ema, opt, state, preset, seed, step, rng):
     common.save_checkpoint(out / "ckpt.pt", {
-        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": state["step"],
-        "config": asdict(cfg), "rng_state": common.rng_state(), "losses": state["losses"]})
+        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+        "step": step, "config": asdict(cfg), "preset": preset, "seed": seed, "rng_state": rng,
+        "losses": state["losses"][:step]}, STEM)
 
 
 # -- evaluation and figures --------------------------------------------------------------------------
@@ -587,31 +599,19 @@ def plot_marginals(cfg, path):
 # -- main ----------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = common.get_device(args.device)
-    dist, device = common.ddp_setup(device)
-    preset = common.resolve_preset(args.preset, device, quiet=not dist.is_main)
-    cfg = make_config(args, preset, device, quiet=not dist.is_main)
-    out, log = args.out, (print if dist.is_main else (lambda *a, **k: None))
-    t_start = time.perf_counter()
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    ckpt = common.load_checkpoint(out / "ckpt.pt") if (args.resume or args.sample_only) else None
-    if ckpt is not None:  # the network and its SDE come from the checkpoint; the rest from the flags
-        saved = ckpt["config"]
-        cfg = replace(cfg, **{k: tuple(saved[k]) if isinstance(saved[k], list) else saved[k] for k in MODEL_KEYS})
-
+def prepare(args, dist, device) -> tuple:
+    """Config, data, SDE, model, EMA, optimizer and training state (from the checkpoint)."""
+    common.prepare_out(args.out)
+    preset, cfg, ckpt = make_config(args, device, quiet=not dist.is_main)
     common.seed_everything(args.seed)
     train_pixels = None if args.sample_only else load_mnist(args.data_dir, train=True)
     test_pixels = load_mnist(args.data_dir, train=False)
-    metrics = {"preset": preset, "sde": cfg.sde}
     if cfg.sde == "ve" and cfg.sigma_max == 0:
         cfg.sigma_max = largest_pairwise_distance(to_model_space(train_pixels))
-        log(f"VE sigma_max = largest pairwise distance of {min(10_000, len(train_pixels))} training images "
-            f"(in [-1, 1] units) = {cfg.sigma_max:.2f}")
-    if cfg.sde == "ve":
-        metrics["sigma_max"] = cfg.sigma_max
+        if dist.is_main:
+            n = min(10_000, len(train_pixels))
+            print(f"VE sigma_max = largest pairwise distance of {n} training images "
+                  f"(in [-1, 1] units) = {cfg.sigma_max:.2f}")
     sde = make_sde(cfg)
     model = build_model(cfg, sde).to(device)
     if cfg.channels_last:
@@ -620,29 +620,46 @@ def main(argv=None) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"step": 0, "losses": []}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+            common.load_state(obj, ckpt[key], args.out / "ckpt.pt")
         state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
         if args.resume:
             common.set_rng_state(ckpt["rng_state"])
     if not args.resume or dist.rank > 0:
         torch.manual_seed(args.seed + 1000 * dist.rank + state["step"])  # each rank its own noise
+    return preset, cfg, train_pixels, test_pixels, sde, model, ema, opt, state
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    dist, device = common.ddp_setup(device)
+    out, log = args.out, (print if dist.is_main else (lambda *a, **k: None))
+    t_start = time.perf_counter()
+    with common.all_ranks_agree(dist, device):
+        prepared = prepare(args, dist, device)
+    preset, cfg, train_pixels, test_pixels, sde, model, ema, opt, state = prepared
+    metrics = {"preset": preset, "sde": cfg.sde, "params": common.count_params(model)}
+    if cfg.sde == "ve":
+        metrics["sigma_max"] = cfg.sigma_max
     if dist.is_main:
         common.write_json(out / "config.json", {**asdict(cfg), "preset": preset, "world_size": dist.world_size})
-    metrics["params"] = common.count_params(model)
     log(f"{cfg.sde} SDE, U-Net with {metrics['params'] / 1e6:.2f}M parameters, preset {preset}, device {device}")
 
-    if not args.sample_only:
-        seconds = train(cfg, sde, model, ema, opt, train_pixels, state, dist, device, out, args.seed)
-        n_run = cfg.steps - (ckpt["step"] if ckpt else 0)
-        metrics.update(train_seconds=seconds, steps=state["step"], steps_per_s=n_run / max(seconds, 1e-9),
+    if not args.sample_only and state["step"] < cfg.steps:
+        step0 = state["step"]
+        ckpt = common.Checkpointer(lambda step, rng: dist.is_main and save(
+            out, cfg, model, ema, opt, state, preset, args.seed, step, rng),
+            cfg.ckpt_every, out / "ckpt.pt")
+        seconds = train(cfg, sde, model, ema, opt, train_pixels, state, dist, device, args.seed,
+                        ckpt)
+        metrics.update(train_seconds=seconds, steps=state["step"],
+                       steps_per_s=(state["step"] - step0) / max(seconds, 1e-9),
                        final_loss=float(np.mean(state["losses"][-50:])) if state["losses"] else None)
         if dist.enabled:
             metrics["ddp"] = {"world_size": dist.world_size,
                               "param_max_abs_diff": common.ddp_param_divergence(model, dist, device)}
         if dist.is_main:
-            save(out, cfg, model, ema, opt, state)
             common.plot_loss(state["losses"], out / "loss.png", title=f"Eq. 7 loss, {cfg.sde} SDE")
 
     # Evaluation with the EMA weights; every rank samples its share, rank 0 writes.

@@ -9,9 +9,14 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,21 +32,55 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file); shown as one line, no traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: training stopped after saving its last completed step."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def cli_entry(main: Callable[[list[str] | None], dict]) -> None:
-    """Run a script's `main` from the shell: a UserError becomes one message and exit code 2."""
+    """Run a script's `main` from the shell: a UserError becomes one message and exit code 2.
+    Under torchrun a failing rank leaves at once (no barrier, no hang); torchrun ends the others."""
     try:
         main(None)
+        code = 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(f"error: {_rank_prefix()}{err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt as err:
+        print(str(err) if isinstance(err, Interrupted) else "interrupted", file=sys.stderr)
+        code = err.code if isinstance(err, Interrupted) else 130
+    except Exception as err:
+        if not _distributed():
+            raise
+        if isinstance(err, torch.distributed.DistError):
+            print(f"error: {_rank_prefix()}stopped: another process ended", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        code = 1
+    if _distributed():  # skip the exit-time teardown, which would wait for the other ranks
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss).all():
-        raise UserError(f"the loss became {loss.item()} at step {step}; try a lower --lr")
+def _rank_prefix() -> str:
+    return f"[rank {torch.distributed.get_rank()}] " if _distributed() else ""
+
+
+def check_finite(x: torch.Tensor, step: int | None, what: str = "the loss",
+                 hint: str = "try a lower --lr") -> None:
+    if not torch.isfinite(x).all():
+        bad = x[~torch.isfinite(x)].flatten()[0].item()
+        at = "" if step is None else f" at step {step}"
+        raise UserError(f"{what} became {bad}{at}; {hint}")
 
 
 # -- devices, seeds, presets, the shared flags --------------------------------
@@ -57,7 +96,9 @@ def get_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -101,6 +142,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2^32 - 1, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or not math.isfinite(value):
@@ -122,11 +177,13 @@ def base_parser(description: str, script: str, image: bool = False) -> argparse.
         "is present, else cpu)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=None,
+                        help="random seed (default: 0; with --resume: the checkpoint's)")
     parser.add_argument(
         "--out", type=Path, default=Path("runs") / script, help=f"output folder (default: runs/{script})"
     )
-    parser.add_argument("--resume", action="store_true", help="continue training from OUT/ckpt.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT/ckpt.pt (with --steps: extend it)")
     parser.add_argument(
         "--sample-only", action="store_true", help="load OUT/ckpt.pt, only sample, evaluate and plot"
     )
@@ -178,10 +235,22 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def write_json(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=float) + "\n"
+    _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def prepare_out(out: Path) -> Path:
+    """Create the output folder and check that it takes files, before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to --out {out}: {err.strerror or err}") from None
+    return out
 
 
 # -- data ------------------------------------------------------------------------
@@ -198,6 +267,12 @@ def torchvision_dataset(name: str, root: Path, train: bool, transform) -> torch.
         return cls(str(root), train=train, download=True, transform=transform)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
         raw = Path(root) / cls.__name__ / ("raw" if name != "cifar10" else "")
+        present = raw.is_dir() and any(p.name.endswith("ubyte") for p in raw.iterdir())
+        if name != "cifar10" and present:
+            raise UserError(f"cannot read {cls.__name__} from the files in {raw} "
+                            f"({type(err).__name__}: {str(err)[:120]}); they may be truncated or "
+                            "corrupt: replace them, or "
+                            "delete them to download again") from None
         raise UserError(
             f"could not load or download {cls.__name__} ({type(err).__name__}); put the dataset's "
             f"files in {raw} (for MNIST-style data: the four IDX files, e.g. train-images-idx3-ubyte) "
@@ -431,24 +506,130 @@ def make_ema(model: nn.Module, decay: float, warmup: bool = True) -> torch.optim
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves half a file."""
+def _write_atomic(path: Path, write: Callable) -> None:
+    """write(file) into a unique temporary file beside path, then an atomic rename: a crash or a
+    second run writing the same path never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def save_checkpoint(path: Path, state: dict, script: str) -> None:
+    """torch.save of state, marked as written by `script`, through _write_atomic."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda f: torch.save({**state, "script": script}, f))
+
+
+def load_checkpoint(path: Path, script: str, map_location="cpu") -> dict:
+    """A checkpoint written by `script` (weights_only=True); anything else is one UserError."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}; train first (without --sample-only), or pass --out")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise UserError(f"cannot read the checkpoint {path} (truncated or corrupt: {type(err).__name__}); "
                         "delete it and train again") from None
+    writer = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if writer != script:
+        by = f"by {writer}.py" if writer else "by another program or an older version"
+        raise UserError(f"the checkpoint {path} was written {by}, not by {script}.py; "
+                        "pass another --out")
+    return ckpt
+
+
+def load_state(obj, state, path: Path) -> None:
+    """obj.load_state_dict(state) for a module or an optimizer; names or shapes that do not fit
+    are one UserError."""
+    if isinstance(obj, nn.Module):
+        own = obj.state_dict()
+        bad = sorted(own.keys() ^ state.keys()) + [k for k in own.keys() & state.keys()
+                                                   if own[k].shape != state[k].shape]
+        if bad:
+            raise UserError(f"the checkpoint {path} does not fit the model ({len(bad)} tensors "
+                            "differ, "
+                            f"e.g. {bad[0]}); pass another --out")
+    try:
+        obj.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"the checkpoint {path} does not fit ({type(err).__name__}); "
+                        "pass another --out") from None
+
+
+def resume_config(saved: dict, given: dict, fixed: Sequence[str], step: int, path: Path,
+                  steps_key: str = "steps", extend: bool = True) -> dict:
+    """The saved config with the flags a resumed run may change: `fixed` ones (model, process,
+    optimiser, run) must equal the saved value; `steps_key` may only extend the run (if `extend`)."""
+    for key, value in given.items():
+        if value is None or value == saved.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == steps_key and extend:
+            if value < step:
+                raise UserError(f"the checkpoint {path} is at step {step}; {flag} must be at least "
+                                "that")
+            continue
+        if key in fixed or key == steps_key:
+            raise UserError(f"the checkpoint {path} has {key}={saved.get(key)}: a resumed run keeps "
+                            f"what defines it; drop {flag} or pass another --out")
+    return {**saved, **{k: v for k, v in given.items() if v is not None}}
+
+
+class Checkpointer:
+    """Checkpoints that only ever hold verified state of a completed step. In the loop, begin(step)
+    at the start of a step records the RNG state; verified(loss, step) checks the step's loss (the
+    loss of the weights after `step` updates) and then, when due -- every `every` steps, every
+    `seconds` of training, at the `last` step, or after Ctrl-C or SIGTERM -- calls save(step, rng)
+    while weights, optimizer and EMA are still those the step began with. A signal is acted on
+    there (within a step); a second one stops at once."""
+
+    def __init__(self, save: Callable[[int, dict], None], every: int, where: Path,
+                 seconds: float = 120.0):
+        self.save, self.every, self.where, self.seconds = save, every, where, seconds
+        self.signum, self.first, self.rng, self.old = None, None, None, {}
+
+    def __enter__(self):
+        self.t_saved = time.monotonic()
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, err, tb):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        if kind is None and self.signum is not None:
+            raise self._stop(self.signum, f"after the last step; {self.where} holds it")
+
+    def _stop(self, signum: int, what: str) -> Interrupted:
+        name = signal.Signals(signum).name
+        return Interrupted(f"interrupted ({name}) {what}", 128 + signum)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise self._stop(signum, f"again: stopped at once; {self.where} holds the last saved "
+                             "step")
+        self.signum = signum
+
+    def begin(self, step: int) -> None:
+        self.first = step if self.first is None else self.first
+        self.rng = rng_state()
+
+    def verified(self, loss: torch.Tensor, step: int, last: bool = False) -> None:
+        check_finite(loss, step)
+        periodic = step > self.first and (step % self.every == 0
+                                           or time.monotonic() - self.t_saved > self.seconds)
+        if last or periodic or self.signum is not None:
+            self.save(step, self.rng)
+            self.t_saved = time.monotonic()
+        if self.signum is not None:
+            raise self._stop(self.signum, f"at step {step}: saved it in {self.where}; continue with "
+                             "--resume")
 
 
 # -- plotting --------------------------------------------------------------------------------
@@ -715,7 +896,8 @@ def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, di
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(folder / fname, {"model": net.state_dict(), "record": record})
+            state = {"model": net.state_dict(), "record": record}
+            save_checkpoint(folder / fname, state, "judge")
             break
         except OSError:
             continue
@@ -813,6 +995,43 @@ def ddp_setup(device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local), device
+
+
+@contextmanager
+def all_ranks_agree(d: Dist, device: torch.device):
+    """A UserError in the block on any rank becomes one on every rank (one all-reduce at its end),
+    so that a bad flag or file seen by one process stops them all before training starts."""
+    failed = None
+    try:
+        yield
+    except UserError as err:
+        failed = err
+    if d.enabled:
+        flag = torch.tensor([float(failed is not None)], device=device)
+        torch.distributed.all_reduce(flag)
+        if failed is None and flag.item() > 0:
+            failed = UserError("stopped: another process failed (its message is above)")
+    if failed is not None:
+        raise failed
+
+
+def epoch_batches(n: int, batch_size: int, d: Dist, seed: int, step: int):
+    """Endless batches of indices into n items: each epoch a new shuffle (fixed by seed and epoch)
+    cut in one share per process. Starting at `step` replays the same order, so --resume continues
+    the same run."""
+    sampler = torch.utils.data.DistributedSampler(range(n), d.world_size, d.rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise UserError(f"{n} training images are fewer than one batch per process; "
+                        "lower --batch-size")
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        idx = torch.tensor(list(sampler))
+        for i in range(skip, per_epoch):
+            yield idx[i * batch_size:(i + 1) * batch_size]
+        epoch, skip = epoch + 1, 0
 
 
 def ddp_cleanup(d: Dist) -> None:

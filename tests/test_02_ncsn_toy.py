@@ -90,7 +90,7 @@ def test_sample_only_and_resume(trained):
     more = m.main(["--preset", "smoke", "--out", str(out), "--resume", "--n-iters", str(first["step"] + 20),
                    "--T", "2", "--n-samples", "200"])
     assert more["step"] == first["step"] + 20
-    ckpt = common.load_checkpoint(out / "ckpt.pt")
+    ckpt = common.load_checkpoint(out / "ckpt.pt", "02_ncsn_toy")
     assert ckpt["step"] == first["step"] + 20 and len(ckpt["losses"]) == first["step"] + 20
     with pytest.raises(common.UserError, match="dataset"):
         m.main(["--preset", "smoke", "--out", str(out), "--sample-only", "--dataset", "swissroll"])

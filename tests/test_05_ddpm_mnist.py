@@ -225,8 +225,9 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
 def test_user_errors(tmp_path):
     with pytest.raises(ddpm.common.UserError, match="no checkpoint"):
         ddpm.main(["--preset", "smoke", "--out", str(tmp_path / "none"), "--sample-only"])
-    with pytest.raises(ddpm.common.UserError, match="eta"):
-        ddpm.main(["--preset", "smoke", "--out", str(tmp_path), "--eta", "-1"])
+    for eta in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            ddpm.main(["--preset", "smoke", "--out", str(tmp_path), "--eta", eta])
 
 
 def test_discretized_decoder_is_the_normal_mass_of_each_bin():

@@ -73,6 +73,22 @@ def test_cli_entry_turns_user_error_into_one_line(capsys):
     assert err.strip() == "error: no checkpoint at runs/x/ckpt.pt"
 
 
+def test_seed_and_device_flags_are_checked(capsys):
+    parser = common.base_parser("x", "x")
+    for bad in (str(2**63), "-1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--seed", bad])
+    assert "2^32" in capsys.readouterr().err
+    for name in ("meta", "xpu", "nonsense"):
+        with pytest.raises(common.UserError, match="unsupported --device"):
+            common.get_device(name)
+
+
+def test_check_finite_of_many_values():
+    with pytest.raises(common.UserError, match="samples became nan; try"):
+        common.check_finite(torch.tensor([1.0, float("nan"), 2.0]), None, "the samples", "try")
+
+
 def test_check_finite():
     common.check_finite(torch.tensor(1.0), 0)
     with pytest.raises(common.UserError, match="step 7"):
@@ -213,11 +229,11 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
         opt.step()
         ema.update_parameters(model)
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint(path, _state(model, ema, opt, 2))
+    common.save_checkpoint(path, _state(model, ema, opt, 2), "xx_test")
     assert not list(tmp_path.glob("*.tmp"))
     expected_draws = (torch.rand(3), np.random.rand(3), __import__("random").random())
 
-    ckpt = common.load_checkpoint(path)
+    ckpt = common.load_checkpoint(path, "xx_test")
     model2 = common.UNet(base=8, mults=(1, 2), attn_levels=())
     ema2 = common.make_ema(model2, 0.99)
     opt2 = torch.optim.Adam(model2.parameters(), 1e-3)
@@ -239,13 +255,67 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(common.UserError, match="no checkpoint"):
-        common.load_checkpoint(tmp_path / "missing.pt")
+        common.load_checkpoint(tmp_path / "missing.pt", "xx_test")
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint(path, {"w": torch.randn(1000)})
+    common.save_checkpoint(path, {"w": torch.randn(1000)}, "xx_other")
+    with pytest.raises(common.UserError, match="written by xx_other.py, not by xx_test.py"):
+        common.load_checkpoint(path, "xx_test")
+    torch.save({"w": torch.randn(1000)}, path)
+    with pytest.raises(common.UserError, match="another program"):
+        common.load_checkpoint(path, "xx_test")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(common.UserError, match="truncated or corrupt"):
-        common.load_checkpoint(path)
+        common.load_checkpoint(path, "xx_test")
+    model = torch.nn.Linear(2, 3)
+    with pytest.raises(common.UserError, match="does not fit the model"):
+        common.load_state(model, torch.nn.Linear(2, 4).state_dict(), path)
+    with pytest.raises(common.UserError, match="does not fit the model"):
+        common.load_state(model, {"weight": model.weight}, path)
+
+
+def test_checkpoint_writers_never_collide(tmp_path):
+    """Two writers of one path (two runs with the same --out) each use their own temporary file:
+    every write succeeds and the file is always whole."""
+    import threading
+
+    path, errors = tmp_path / "ckpt.pt", []
+
+    def write(k):
+        try:
+            for _ in range(20):
+                common.save_checkpoint(path, {"w": torch.full((20_000,), float(k))}, "xx_test")
+                common.load_checkpoint(path, "xx_test")
+        except Exception as err:  # noqa: BLE001 -- collected for the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not list(tmp_path.glob("*.tmp"))
+
+
+def test_prepare_out_refuses_files(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(common.UserError, match="is a file"):
+        common.prepare_out(tmp_path / "f")
+    with pytest.raises(common.UserError, match="cannot write"):
+        common.prepare_out(tmp_path / "f" / "sub")
+    assert common.prepare_out(tmp_path / "a" / "b").is_dir()
+
+
+def test_resume_config_keeps_the_run():
+    saved = {"steps": 10, "lr": 1e-3, "sampler": "ddim"}
+    got = common.resume_config(saved, {"steps": 20, "lr": 1e-3, "sampler": "x"}, ("lr",), 10, "c")
+    assert got == {"steps": 20, "lr": 1e-3, "sampler": "x"}
+    with pytest.raises(common.UserError, match="lr=0.001.*drop --lr"):
+        common.resume_config(saved, {"lr": 1.0}, ("lr",), 10, "c")
+    with pytest.raises(common.UserError, match="at step 10"):
+        common.resume_config(saved, {"steps": 5}, (), 10, "c")
+    with pytest.raises(common.UserError, match="drop --steps"):
+        common.resume_config(saved, {"steps": 20}, (), 10, "c", extend=False)
 
 
 # -- data -----------------------------------------------------------------------------------------

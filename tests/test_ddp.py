@@ -29,3 +29,17 @@ def test_ddpm_two_processes_stay_in_sync(tiny_mnist, tmp_path):
     # replicas' parameters bit-identical after every optimizer step
     assert metrics["ddp"]["world_size"] == 2
     assert metrics["ddp"]["param_max_abs_diff"] == 0.0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stem", ["05_ddpm_mnist", "06_sde_mnist"])
+def test_an_error_on_one_rank_ends_every_rank(stem, tiny_mnist, tmp_path):
+    (tmp_path / "f").write_text("x")
+    proc = torchrun([str(ROOT / f"{stem}.py"), "--preset", "smoke", "--device", "cpu",
+                     "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "f")], tmp_path,
+                    timeout=120)
+    assert proc.returncode != 0
+    # each rank says why in one line and shows no traceback of its own (torchrun adds its report)
+    for rank in (0, 1):
+        assert f"error: [rank {rank}] --out" in proc.stderr, proc.stderr[-3000:]
+    assert f'{stem}.py", line' not in proc.stderr, proc.stderr[-3000:]

@@ -183,7 +183,7 @@ def test_group_norm_divides_any_width(channels):
 
 
 def test_unet_default_sizes():
-    """The parameter counts quoted in the README for the default configurations."""
+    """The default U-Net does not change size unnoticed: its parameter counts for 1 and 3 channels."""
     assert common.count_params(common.UNet(channels=1)) == 1_112_801
     assert common.count_params(common.UNet(channels=3)) == 1_113_955
 

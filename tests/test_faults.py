@@ -21,6 +21,8 @@ STEMS = ["01_exact_score_langevin", "02_ncsn_toy", "03_ncsn_cifar10", "04_sohl_d
 def equal_states(a: dict, b: dict) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal_states(x, y) for x, y in zip(a, b))
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
     return a == b

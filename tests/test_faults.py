@@ -134,7 +134,7 @@ def test_02_and_04_resume_alone_continue_the_run(tmp_path):
     out2, out4 = str(tmp_path / "02"), str(tmp_path / "04")
     m2.main(["--preset", "smoke", "--out", out2, "--n-iters", "30", "--T", "2",
              "--n-samples", "100"])
-    assert m2.main(["--resume", "--out", out2])["step"] == 30
+    assert m2.main(["--resume", "--out", out2, "--T", "2", "--n-samples", "100"])["step"] == 30
     with pytest.raises(common.UserError, match="lr"):
         m2.main(["--resume", "--out", out2, "--lr", "1"])
     m4.main(["--preset", "smoke", "--out", out4, "--steps", "20"])
@@ -165,10 +165,11 @@ def test_03_skips_a_truncated_jpeg_and_checks_its_flags(tmp_path, capsys):
 
 
 def test_corrupt_idx_file_is_called_corrupt(tiny_mnist, tmp_path):
-    shutil.copytree(tiny_mnist / "MNIST", tmp_path / "MNIST")
-    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_mnist / "MNIST", root / "MNIST")
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
     with pytest.raises(common.UserError, match="corrupt"):
-        common.torchvision_dataset("mnist", tmp_path, True, None)
+        common.torchvision_dataset("mnist", root, True, None)
 
 
 def test_checkpointer_saves_verified_steps_only(tmp_path):

@@ -4,6 +4,7 @@ SIGTERM, checkpoints never hold diverged weights, and mistakes end with one clea
 import argparse
 import os
 import signal
+import shutil
 
 import pytest
 import torch
@@ -20,10 +21,10 @@ STEMS = ["01_exact_score_langevin", "02_ncsn_toy", "03_ncsn_cifar10", "04_sohl_d
 def equal_states(a: dict, b: dict) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(equal_states(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
     return a == b
 
 
@@ -133,7 +134,7 @@ def test_02_and_04_resume_alone_continue_the_run(tmp_path):
     out2, out4 = str(tmp_path / "02"), str(tmp_path / "04")
     m2.main(["--preset", "smoke", "--out", out2, "--n-iters", "30", "--T", "2",
              "--n-samples", "100"])
-    assert m2.main(["--resume", "--out", out2])["step"] == 30
+    assert m2.main(["--resume", "--out", out2, "--T", "2", "--n-samples", "100"])["step"] == 30
     with pytest.raises(common.UserError, match="lr"):
         m2.main(["--resume", "--out", out2, "--lr", "1"])
     m4.main(["--preset", "smoke", "--out", out4, "--steps", "20"])
@@ -164,9 +165,11 @@ def test_03_skips_a_truncated_jpeg_and_checks_its_flags(tmp_path, capsys):
 
 
 def test_corrupt_idx_file_is_called_corrupt(tiny_mnist, tmp_path):
-    (tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_mnist / "MNIST", root / "MNIST")
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
     with pytest.raises(common.UserError, match="corrupt"):
-        common.torchvision_dataset("mnist", tiny_mnist, True, None)
+        common.torchvision_dataset("mnist", root, True, None)
 
 
 def test_checkpointer_saves_verified_steps_only(tmp_path):

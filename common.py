@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +251,178 @@ def prepare_out(out: Path) -> Path:
     except OSError as err:
         raise UserError(f"cannot write to --out {out}: {err.strerror or err}") from None
     return out
+
+
+# -- the run's settings: Config, presets, flags, the resume rule -----------------------------
+
+
+def _field_help(cls) -> dict[str, str]:
+    """Each Config field's comment in the source: the one on its line, else the lines above it."""
+    import inspect
+    import re
+
+    helps, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+        elif m:
+            helps[m[1]] = m[2] or " ".join(above)
+            above = []
+    return helps
+
+
+def _flag_type(name: str, hint):
+    """argparse keywords for a Config field of type `hint`; numbers must be finite and >= 0."""
+    import ast
+    import typing
+
+    if hint is bool:
+        return dict(action=argparse.BooleanOptionalAction)
+    if typing.get_origin(hint) is typing.Literal:
+        return dict(choices=typing.get_args(hint))
+    if hint in (int, float):
+        def number(text):
+            value = hint(text)
+            if not (math.isfinite(value) and value >= 0):
+                raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+            return value
+        return dict(type=number, metavar=hint.__name__.upper())
+    if hint is str:
+        return dict(type=str)
+    return dict(type=ast.literal_eval, metavar="VALUE")  # tuples: --mults 1,2,2
+
+
+def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bool = False):
+    """The shared flags, then one flag per Config field, its help the field's comment with the
+    presets' values beside it. A field's flag defaults to None: the preset's value."""
+    import typing
+
+    first = doc.strip().split("\n\n")[0]
+    parser = argparse.ArgumentParser(description=first,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(presets), default=None,
+                        help="smoke: seconds, for tests; cpu: a convincing result on a laptop CPU "
+                        "in minutes; gpu: the paper's recipe as far as one GPU allows (default: "
+                        "gpu on CUDA, else cpu)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--seed", type=seed_value, default=None,
+                        help="random seed (default: 0; with --resume: the checkpoint's)")
+    parser.add_argument("--out", type=Path, default=Path("runs") / script,
+                        help=f"output folder (default: runs/{script})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT/ckpt.pt; with --steps N: extend it to N")
+    parser.add_argument("--sample-only", action="store_true",
+                        help="load OUT/ckpt.pt, only sample, evaluate and plot")
+    if image:
+        parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                            help="where datasets are read or downloaded (default: ./data)")
+    group = parser.add_argument_group("settings (Config; default: the preset's value)")
+    hints, helps = typing.get_type_hints(config_cls), _field_help(config_cls)
+    for f in fields(config_cls):
+        differ = {p: v[f.name] for p, v in presets.items() if v.get(f.name, f.default) != f.default}
+        shown = "; ".join([f"Config {f.default}"] + [f"{p} {v}" for p, v in differ.items()])
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           help=f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%"),
+                           **_flag_type(f.name, hints[f.name]))
+    return parser.parse_args(argv)
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def make_config(config_cls, values: dict):
+    """Config(**values), lists (from JSON) back to tuples; Config.__post_init__ checks values."""
+    names = {f.name for f in fields(config_cls)}
+    return config_cls(**{k: _tuples(v) for k, v in values.items() if k in names})
+
+
+def run_config(args, config_cls, presets: dict, script: str, free: Sequence[str],
+               device: torch.device, quiet: bool = False):
+    """(preset, config, checkpoint or None) of this call. A new run: the preset (default gpu on
+    CUDA, else cpu, announced), then the flags given. With --resume or --sample-only the
+    checkpoint decides: a flag may differ from it only if listed in `free` (what happens after
+    training, how to run), or be --steps extending a --resume to more steps."""
+    given = {f.name: getattr(args, f.name) for f in fields(config_cls)
+             if getattr(args, f.name) is not None}
+    if not (args.resume or args.sample_only):
+        preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+        if args.preset is None and not quiet:
+            print(f"--preset not given: '{preset}' for device {device}")
+        values = {**presets[preset], **given}
+        if "steps" in given and "minutes" in values:
+            values["minutes"] = 0.0  # an explicit --steps is exact
+        args.seed = 0 if args.seed is None else args.seed
+        return preset, _precision(make_config(config_cls, values), given, device, quiet), None
+    path = args.out / "ckpt.pt"
+    ckpt = load_checkpoint(path, script, map_location=device)
+    saved = ckpt["config"]
+    for key, value in {**given, "preset": args.preset, "seed": args.seed}.items():
+        if value is None or value == saved.get(key, ckpt.get(key)) or key in free:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "steps" and args.resume:
+            if value < ckpt["step"]:
+                raise UserError(f"{path} is at step {ckpt['step']}; {flag} must be at least that")
+            continue
+        raise UserError(f"{path} has {key}={saved.get(key, ckpt.get(key))}, which defines its "
+                        f"run: drop {flag}, or pass another --out for a new run")
+    args.seed = ckpt["seed"]
+    cfg = make_config(config_cls, {**saved, **given})
+    return ckpt["preset"], _precision(cfg, given, device, quiet), ckpt
+
+
+def _precision(cfg, given: dict, device: torch.device, quiet: bool):
+    """bf16 asked for by a preset or a checkpoint (not by --bf16) runs in fp32 where bf16 has no
+    fast kernels (see bf16_is_fast): how to run, not what the run is."""
+    if getattr(cfg, "bf16", False) and "bf16" not in given and not bf16_is_fast(device):
+        cfg.bf16 = False
+        if not quiet:
+            print(f"no bf16 kernels on this {device.type}: fp32 instead (--bf16 forces bf16)")
+    return cfg
+
+
+def budget_steps(minutes: float, model: nn.Module, opt: torch.optim.Optimizer,
+                 loss_fn: Callable[[nn.Module], torch.Tensor], d=None, probe: int = 8) -> int:
+    """Training steps that fit in `minutes`: a few steps of loss_fn with the optimiser's type
+    and settings on throwaway copies are timed (the run's model, optimiser and RNG untouched).
+    All ranks take the smallest count. The count is then fixed: stored with the run's config."""
+    import copy
+
+    net = copy.deepcopy(model)
+    opt2, state, times = type(opt)(net.parameters(), **opt.defaults), rng_state(), []
+    for _ in range(probe + 2):
+        t0 = time.perf_counter()
+        loss = loss_fn(net)
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+        if loss.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    set_rng_state(state)
+    per_step = float(np.median(times[2:]))
+    steps = torch.tensor([max(1, int(minutes * 60 / per_step))])
+    if d is not None and d.enabled:
+        torch.distributed.all_reduce(steps, torch.distributed.ReduceOp.MIN)
+    if d is None or d.is_main:
+        print(f"--minutes {minutes:g}: {per_step:.3f} s per training step here, so "
+              f"{steps.item()} steps (kept on --resume; --steps N for an exact run)")
+    return int(steps.item())
+
+
+def network_fn(ema, device: torch.device, bf16: bool) -> Callable:
+    """The EMA network in eval mode as a function net(x, t) -> float32, under bf16 autocast if
+    asked: what the samplers and evaluations call."""
+    net = ema.module.eval()
+
+    def fn(x, t):
+        with autocast(device, bf16):
+            return net(x, t).float()
+
+    return fn
 
 
 # -- data ------------------------------------------------------------------------

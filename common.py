@@ -1,6 +1,10 @@
-"""The small shared kit of the numbered scripts: devices and seeds, the command line,
-time embeddings, a configurable U-Net, EMA, checkpoints, plotting, 2-D distances and
-the distributed (torchrun) setup. Nothing here is specific to one method."""
+"""The small shared kit of the numbered scripts: errors and the command line, a run's settings
+(Config, presets, flags, resume), devices and seeds, data, a configurable U-Net, EMA,
+checkpoints, plotting, 2-D distances, the digit judge and the torchrun setup. Nothing here is
+specific to one method.
+
+    python common.py SAMPLES.pt --data-dir data     # judge saved MNIST samples (N, 1, 28, 28)
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -- errors a user can cause ---------------------------------------------------
+# -- errors a user can cause, the entry point -------------------------------------------------
 
 
 class UserError(Exception):
@@ -42,6 +46,10 @@ class Interrupted(KeyboardInterrupt):
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank_prefix() -> str:
+    return f"[rank {torch.distributed.get_rank()}] " if _distributed() else ""
 
 
 def cli_entry(main: Callable[[list[str] | None], dict]) -> None:
@@ -71,10 +79,6 @@ def cli_entry(main: Callable[[list[str] | None], dict]) -> None:
     sys.exit(code)
 
 
-def _rank_prefix() -> str:
-    return f"[rank {torch.distributed.get_rank()}] " if _distributed() else ""
-
-
 def check_finite(x: torch.Tensor, step: int | None, what: str = "the loss",
                  hint: str = "try a lower --lr") -> None:
     if not torch.isfinite(x).all():
@@ -83,197 +87,25 @@ def check_finite(x: torch.Tensor, step: int | None, what: str = "the loss",
         raise UserError(f"{what} became {bad}{at}; {hint}")
 
 
-# -- devices, seeds, presets, the shared flags --------------------------------
-
-
-def get_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """All RNG states as tensors and ints, so a checkpoint loads with weights_only=True."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2^32 - 1, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def base_parser(description: str, script: str, image: bool = False) -> argparse.ArgumentParser:
-    """The flags every script shares; each script adds its own after these."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--preset",
-        choices=["smoke", "cpu", "gpu"],
-        default=None,
-        help="smoke: seconds, for tests; cpu: a convincing result on a laptop CPU in minutes; "
-        "gpu: the paper's recipe as far as one GPU allows (default: gpu if CUDA or MPS "
-        "is present, else cpu)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--seed", type=seed_value, default=None,
-                        help="random seed (default: 0; with --resume: the checkpoint's)")
-    parser.add_argument(
-        "--out", type=Path, default=Path("runs") / script, help=f"output folder (default: runs/{script})"
-    )
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in OUT/ckpt.pt (with --steps: extend it)")
-    parser.add_argument(
-        "--sample-only", action="store_true", help="load OUT/ckpt.pt, only sample, evaluate and plot"
-    )
-    if image:
-        parser.add_argument(
-            "--data-dir", type=Path, default=Path("data"),
-            help="where datasets are read or downloaded (default: ./data)",
-        )
-    return parser
-
-
-def resolve_preset(preset: str | None, device: torch.device, quiet: bool = False) -> str:
-    """An explicit --preset wins; otherwise gpu on CUDA/MPS and cpu elsewhere, announced once."""
-    if preset is not None:
-        return preset
-    chosen = "gpu" if device.type in ("cuda", "mps") else "cpu"
-    if not quiet:
-        print(f"--preset not given: using '{chosen}' for device {device}")
-    return chosen
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 runs on native kernels: a CPU for which oneDNN has bf16 kernels (AVX-512 or
-    AMX) or a CUDA GPU with bf16 units. On an AVX2-only CPU bf16 is emulated: a training step of
-    the MNIST U-Nets here is about 10x slower in bf16 than in fp32."""
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return False
-
-
-def fit_preset(values: dict, device: torch.device, fp32: dict, quiet: bool = False) -> dict:
-    """A preset's values for this device: where it asks for bf16 but the device has no bf16
-    kernels (see bf16_is_fast), run in fp32 with the overrides `fp32` (e.g. fewer steps for the
-    same wall time), announced in one line."""
-    if not values.get("bf16") or device.type == "mps" or bf16_is_fast(device):
-        return values
-    if not quiet:
-        print(f"no bf16 kernels on this {device.type}: fp32 instead, with {fp32 or 'the same settings'}")
-    return {**values, "bf16": False, **fp32}
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU (fast with AVX-512/AMX) and CUDA; a no-op when disabled or on MPS."""
-    if not enabled or device.type not in ("cpu", "cuda"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, default=float) + "\n"
-    _write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def prepare_out(out: Path) -> Path:
-    """Create the output folder and check that it takes files, before any work is done."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; pass a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to --out {out}: {err.strerror or err}") from None
-    return out
-
-
-# -- the run's settings: Config, presets, flags, the resume rule -----------------------------
+# -- a run's settings: Config, presets, flags, the resume rule --------------------------------
 
 
 def _field_help(cls) -> dict[str, str]:
-    """Each Config field's comment in the source: the one on its line, else the lines above it."""
+    """Each Config field's comment in the source: the one on its line, else the lines above."""
     import inspect
     import re
 
     helps, above = {}, []
     for line in inspect.getsource(cls).splitlines()[1:]:
-        text = line.strip()
-        m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        text, m = line.strip(), re.match(r"\s*(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
         if text.startswith("#"):
             above.append(text.lstrip("# "))
         elif m:
-            helps[m[1]] = m[2] or " ".join(above)
-            above = []
+            helps[m[1]], above = m[2] or " ".join(above), []
     return helps
 
 
-def _flag_type(name: str, hint):
+def _flag_type(hint) -> dict:
     """argparse keywords for a Config field of type `hint`; numbers must be finite and >= 0."""
     import ast
     import typing
@@ -289,35 +121,36 @@ def _flag_type(name: str, hint):
                 raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
             return value
         return dict(type=number, metavar=hint.__name__.upper())
-    if hint is str:
-        return dict(type=str)
-    return dict(type=ast.literal_eval, metavar="VALUE")  # tuples: --mults 1,2,2
+    return dict(type=str) if hint is str else dict(type=ast.literal_eval, metavar="VALUE")
+
+
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2^32 - 1, got {text}")
+    return value
 
 
 def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bool = False):
-    """The shared flags, then one flag per Config field, its help the field's comment with the
-    presets' values beside it. A field's flag defaults to None: the preset's value."""
+    """The shared flags, then one flag per Config field (`--field-name`, default None: the
+    preset's value), its help the field's comment with Config's and the presets' values."""
     import typing
 
-    first = doc.strip().split("\n\n")[0]
-    parser = argparse.ArgumentParser(description=first,
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=list(presets), default=None,
-                        help="smoke: seconds, for tests; cpu: a convincing result on a laptop CPU "
-                        "in minutes; gpu: the paper's recipe as far as one GPU allows (default: "
-                        "gpu on CUDA, else cpu)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--seed", type=seed_value, default=None,
-                        help="random seed (default: 0; with --resume: the checkpoint's)")
-    parser.add_argument("--out", type=Path, default=Path("runs") / script,
-                        help=f"output folder (default: runs/{script})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in OUT/ckpt.pt; with --steps N: extend it to N")
-    parser.add_argument("--sample-only", action="store_true",
-                        help="load OUT/ckpt.pt, only sample, evaluate and plot")
+    add = parser.add_argument
+    add("--preset", choices=list(presets), default=None,
+        help="smoke: seconds, for tests; cpu: a convincing result on a laptop CPU in minutes; "
+        "gpu: the paper's recipe as far as one GPU allows (default: gpu on CUDA, else cpu)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add("--seed", type=seed_value, default=None,
+        help="random seed (default: 0; with --resume: the checkpoint's)")
+    add("--out", type=Path, default=Path("runs") / script, help=f"output folder (runs/{script})")
+    add("--resume", action="store_true",
+        help="continue the run in OUT/ckpt.pt; with --steps N: extend it to N steps")
+    add("--sample-only", action="store_true", help="load OUT/ckpt.pt, only sample and evaluate")
     if image:
-        parser.add_argument("--data-dir", type=Path, default=Path("data"),
-                            help="where datasets are read or downloaded (default: ./data)")
+        add("--data-dir", type=Path, default=Path("data"), help="datasets' folder (./data)")
     group = parser.add_argument_group("settings (Config; default: the preset's value)")
     hints, helps = typing.get_type_hints(config_cls), _field_help(config_cls)
     for f in fields(config_cls):
@@ -325,7 +158,7 @@ def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bo
         shown = "; ".join([f"Config {f.default}"] + [f"{p} {v}" for p, v in differ.items()])
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                            help=f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%"),
-                           **_flag_type(f.name, hints[f.name]))
+                           **_flag_type(hints[f.name]))
     return parser.parse_args(argv)
 
 
@@ -334,7 +167,7 @@ def _tuples(value):
 
 
 def make_config(config_cls, values: dict):
-    """Config(**values), lists (from JSON) back to tuples; Config.__post_init__ checks values."""
+    """Config(**values), lists back to tuples; Config.__post_init__ checks the values."""
     names = {f.name for f in fields(config_cls)}
     return config_cls(**{k: _tuples(v) for k, v in values.items() if k in names})
 
@@ -374,9 +207,20 @@ def run_config(args, config_cls, presets: dict, script: str, free: Sequence[str]
     return ckpt["preset"], _precision(cfg, given, device, quiet), ckpt
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 runs on native kernels: a CPU for which oneDNN has bf16 kernels (AVX-512 or
+    AMX) or a CUDA GPU with bf16 units. On an AVX2-only CPU bf16 is emulated: a training step of
+    the MNIST U-Nets here is about 10x slower in bf16 than in fp32."""
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
+
+
 def _precision(cfg, given: dict, device: torch.device, quiet: bool):
     """bf16 asked for by a preset or a checkpoint (not by --bf16) runs in fp32 where bf16 has no
-    fast kernels (see bf16_is_fast): how to run, not what the run is."""
+    fast kernels: how to run, not what the run is."""
     if getattr(cfg, "bf16", False) and "bf16" not in given and not bf16_is_fast(device):
         cfg.bf16 = False
         if not quiet:
@@ -413,6 +257,61 @@ def budget_steps(minutes: float, model: nn.Module, opt: torch.optim.Optimizer,
     return int(steps.item())
 
 
+# -- devices, seeds, precision, files ----------------------------------------------------------
+
+
+def get_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and ints, so a checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU (fast with AVX-512/AMX) and CUDA; a no-op when disabled or on MPS."""
+    if not enabled or device.type not in ("cpu", "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def network_fn(ema, device: torch.device, bf16: bool) -> Callable:
     """The EMA network in eval mode as a function net(x, t) -> float32, under bf16 autocast if
     asked: what the samplers and evaluations call."""
@@ -425,34 +324,69 @@ def network_fn(ema, device: torch.device, bf16: bool) -> Callable:
     return fn
 
 
-# -- data ------------------------------------------------------------------------
+def write_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=2, default=float) + "\n"
+    _write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def torchvision_dataset(name: str, root: Path, train: bool, transform) -> torch.utils.data.Dataset:
+def prepare_out(out: Path) -> Path:
+    """Create the output folder and check that it takes files, before any work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to --out {out}: {err.strerror or err}") from None
+    return out
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def torchvision_dataset(name: str, root: Path, train: bool, transform):
     """MNIST / FashionMNIST / CIFAR10 from torchvision with download=True; a failed download
-    (offline machine) becomes one sentence saying where to put the files."""
+    (offline machine) or unreadable files become one sentence saying what to do."""
     from torchvision import datasets
 
-    classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
-    cls = classes[name]
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
+           "cifar10": datasets.CIFAR10}[name]
     try:
         return cls(str(root), train=train, download=True, transform=transform)
-    except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
+    except Exception as err:  # RuntimeError, URLError, OSError, ... when offline
         raw = Path(root) / cls.__name__ / ("raw" if name != "cifar10" else "")
-        present = raw.is_dir() and any(p.name.endswith("ubyte") for p in raw.iterdir())
-        if name != "cifar10" and present:
+        if name != "cifar10" and raw.is_dir() and any(p.name.endswith("ubyte")
+                                                      for p in raw.iterdir()):
             raise UserError(f"cannot read {cls.__name__} from the files in {raw} "
                             f"({type(err).__name__}: {str(err)[:120]}); they may be truncated or "
-                            "corrupt: replace them, or "
-                            "delete them to download again") from None
-        raise UserError(
-            f"could not load or download {cls.__name__} ({type(err).__name__}); put the dataset's "
-            f"files in {raw} (for MNIST-style data: the four IDX files, e.g. train-images-idx3-ubyte) "
-            "or pass --data-dir"
-        ) from None
+                            "corrupt: replace them, or delete them to download again") from None
+        raise UserError(f"could not load or download {cls.__name__} ({type(err).__name__}); put "
+                        f"the dataset's files in {raw} (for MNIST-style data: the four IDX files, "
+                        "e.g. train-images-idx3-ubyte) or pass --data-dir") from None
 
 
-# -- time embeddings -----------------------------------------------------------------
+def epoch_batches(n: int, batch_size: int, d: Dist, seed: int, step: int):
+    """Endless batches of indices into n items: each epoch a new shuffle (fixed by seed and epoch)
+    cut in one share per process. Starting at `step` replays the same order, so --resume continues
+    the same run."""
+    sampler = torch.utils.data.DistributedSampler(range(n), d.world_size, d.rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise UserError(f"{n} training images are fewer than one batch per process; "
+                        "lower --batch-size")
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        idx = torch.tensor(list(sampler))
+        for i in range(skip, per_epoch):
+            yield idx[i * batch_size:(i + 1) * batch_size]
+        epoch, skip = epoch + 1, 0
+
+
+# -- time embeddings and the U-Net ---------------------------------------------------------------
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -481,11 +415,8 @@ class GaussianFourierEmbedding(nn.Module):
         return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-# -- U-Net -------------------------------------------------------------------------------
-
-
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups of at least 4 channels: the largest such count dividing channels."""
+    """GroupNorm with up to 32 groups of at least 4 channels: the largest such count dividing."""
     groups = min(32, max(1, channels // 4))
     while channels % groups:
         groups -= 1
@@ -512,15 +443,13 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over pixels, softmax(q^T k / sqrt(c)) v, with a residual connection.
-
-    Written with two bmm calls: on CPU this is faster than F.scaled_dot_product_attention for
-    the few dozen pixels of a 7x7 map (6.9 vs 9.2 ms fwd + bwd at batch 64, 64 channels, bf16).
-    """
+    """Single-head self-attention over pixels, softmax(q^T k / sqrt(c)) v, plus the input. Two
+    bmm calls: on a CPU faster than F.scaled_dot_product_attention for a 7x7 map."""
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm, self.qkv, self.proj = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.norm, self.qkv = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, temb=None) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -529,99 +458,58 @@ class AttnBlock(nn.Module):
         return x + self.proj(torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w))
 
 
-class Downsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x, temb=None):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour resize then a 3x3 conv: no checkerboard, unlike transposed convs."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x, size):
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
-
-
 class UNet(nn.Module):
     """A DDPM-style U-Net (Ho et al. 2020, Appendix B) sized by its arguments.
 
     channels: image channels; base: width at full resolution; mults: width multipliers, one
-    resolution level each (a level halves the resolution: 28 -> 14 -> 7, 32 -> 16 -> 8);
+    resolution level each (each level after the first halves the resolution: 28 -> 14 -> 7);
     num_res_blocks: ResBlocks per level on the way down (one more on the way up), a number or one
-    per level;
-    attn_levels: indices of levels with self-attention; time_emb: 'sinusoidal', 'fourier' or
-    None (unconditional, e.g. NCSNv2); embed_dim: number of time features (default: base);
-    out_scale(out, t): an optional hook applied to the output, e.g. dividing by sigma(t) to make
-    a score network.
-    """
+    per level; attn_levels: levels with self-attention (and always the middle); time_emb:
+    'sinusoidal', 'fourier' or None (unconditional, as NCSNv2); embed_dim: time features
+    (default: base); out_scale(out, t): applied to the output, e.g. dividing by sigma(t)."""
 
-    def __init__(
-        self,
-        channels: int = 1,
-        base: int = 32,
-        mults: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int | Sequence[int] = 1,
-        attn_levels: Sequence[int] = (2,),
-        dropout: float = 0.1,
-        time_emb: str | None = "sinusoidal",
-        fourier_scale: float = 16.0,
-        out_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        embed_dim: int | None = None,
-    ):
+    def __init__(self, channels: int = 1, base: int = 32, mults: Sequence[int] = (1, 2, 2),
+                 num_res_blocks: int | Sequence[int] = 1, attn_levels: Sequence[int] = (2,),
+                 dropout: float = 0.1, time_emb: str | None = "sinusoidal",
+                 fourier_scale: float = 16.0, out_scale: Callable | None = None,
+                 embed_dim: int | None = None):
         super().__init__()
-        self.out_scale = out_scale
-        temb_dim = 4 * base if time_emb else None
-        embed_dim = embed_dim or base
-        if time_emb == "sinusoidal":
-            embed = SinusoidalEmbedding(embed_dim)
-        elif time_emb == "fourier":
-            embed = GaussianFourierEmbedding(embed_dim, fourier_scale)
-        elif time_emb is None:
-            embed = None
-        else:
+        if time_emb not in ("sinusoidal", "fourier", None):
             raise ValueError(f"time_emb must be 'sinusoidal', 'fourier' or None, not {time_emb!r}")
-        self.time_mlp = (
-            nn.Sequential(embed, nn.Linear(embed_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-            if embed is not None
-            else None
-        )
-        self.stem = nn.Conv2d(channels, base, 3, padding=1)
-        n_blocks = [num_res_blocks] * len(mults) if isinstance(num_res_blocks, int) else list(num_res_blocks)
+        n_blocks = [num_res_blocks] * len(mults) if isinstance(num_res_blocks, int) \
+            else list(num_res_blocks)
         if len(n_blocks) != len(mults):
             raise ValueError("num_res_blocks needs one entry per level of mults")
+        self.out_scale, temb, e = out_scale, (4 * base if time_emb else None), embed_dim or base
+        self.time_mlp = None if time_emb is None else nn.Sequential(
+            SinusoidalEmbedding(e) if time_emb == "sinusoidal"
+            else GaussianFourierEmbedding(e, fourier_scale),
+            nn.Linear(e, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.stem = nn.Conv2d(channels, base, 3, padding=1)
         widths, ch = [base], base
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(mults):
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+
+        def level_blocks(cin, level):  # a ResBlock, then attention at the levels that have it
+            cout = base * mults[level]
+            res = ResBlock(cin, cout, temb, dropout)
+            return nn.ModuleList([res, *([AttnBlock(cout)] if level in attn_levels else [])]), cout
+
+        for level in range(len(mults)):
             for _ in range(n_blocks[level]):
-                blocks = [ResBlock(ch, base * mult, temb_dim, dropout)]
-                ch = base * mult
-                if level in attn_levels:
-                    blocks.append(AttnBlock(ch))
-                self.down.append(nn.ModuleList(blocks))
+                blocks, ch = level_blocks(ch, level)
+                self.down.append(blocks)
                 widths.append(ch)
-            if level < len(mults) - 1:
-                self.down.append(Downsample(ch))
+            if level < len(mults) - 1:  # downsample: a strided 3x3 conv
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 widths.append(ch)
-        self.mid = nn.ModuleList(
-            [ResBlock(ch, ch, temb_dim, dropout), AttnBlock(ch), ResBlock(ch, ch, temb_dim, dropout)]
-        )
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(mults))):
+        self.mid = nn.ModuleList([ResBlock(ch, ch, temb, dropout), AttnBlock(ch),
+                                  ResBlock(ch, ch, temb, dropout)])
+        for level in reversed(range(len(mults))):
             for _ in range(n_blocks[level] + 1):
-                blocks = [ResBlock(ch + widths.pop(), base * mult, temb_dim, dropout)]
-                ch = base * mult
-                if level in attn_levels:
-                    blocks.append(AttnBlock(ch))
-                self.up.append(nn.ModuleList(blocks))
-            if level > 0:
-                self.up.append(Upsample(ch))
+                blocks, ch = level_blocks(ch + widths.pop(), level)
+                self.up.append(blocks)
+            if level > 0:  # upsample: nearest-neighbour resize, then a 3x3 conv (no checkerboard)
+                self.up.append(nn.Conv2d(ch, ch, 3, padding=1))
         self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -629,38 +517,32 @@ class UNet(nn.Module):
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
-            if isinstance(layer, Downsample):
-                h = layer(h)
-            else:
-                for block in layer:
-                    h = block(h, temb)
+            h = layer(h) if isinstance(layer, nn.Conv2d) else _blocks(layer, h, temb)
             skips.append(h)
-        for block in self.mid:
-            h = block(h, temb)
+        h = _blocks(self.mid, h, temb)
         for layer in self.up:
-            if isinstance(layer, Upsample):
-                h = layer(h, skips[-1].shape[-2:])
+            if isinstance(layer, nn.Conv2d):
+                h = layer(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
             else:
-                h = torch.cat([h, skips.pop()], dim=1)
-                for block in layer:
-                    h = block(h, temb)
+                h = _blocks(layer, torch.cat([h, skips.pop()], dim=1), temb)
         out = self.head(h)
         return self.out_scale(out, t) if self.out_scale is not None else out
+
+
+def _blocks(blocks, h, temb):
+    for block in blocks:
+        h = block(h, temb)
+    return h
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# -- EMA ---------------------------------------------------------------------------------
-
-
-def make_ema(model: nn.Module, decay: float, warmup: bool = True) -> torch.optim.swa_utils.AveragedModel:
-    """EMA of the weights (and buffers) via torch.optim.swa_utils.AveragedModel.
-
-    With warmup, the decay at update n is min(decay, (1 + n) / (10 + n)), so that short runs
-    are not dominated by the random initialisation (as TensorFlow's ExponentialMovingAverage).
-    """
+def make_ema(model: nn.Module, decay: float, warmup: bool = True):
+    """EMA of the weights (and buffers) via torch.optim.swa_utils.AveragedModel. With warmup the
+    decay at update n is min(decay, (1 + n) / (10 + n)), so that short runs are not dominated by
+    the random initialisation (as TensorFlow's ExponentialMovingAverage)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     if not warmup:
@@ -669,13 +551,12 @@ def make_ema(model: nn.Module, decay: float, warmup: bool = True) -> torch.optim
     @torch.no_grad()
     def ema_update(ema_params, params, num_averaged):
         n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, 1 - d)
+        torch._foreach_lerp_(ema_params, params, 1 - min(decay, (1 + n) / (10 + n)))
 
     return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
-# -- checkpoints ---------------------------------------------------------------------------
+# -- checkpoints ---------------------------------------------------------------------------------
 
 
 def _write_atomic(path: Path, write: Callable) -> None:
@@ -702,12 +583,13 @@ def load_checkpoint(path: Path, script: str, map_location="cpu") -> dict:
     """A checkpoint written by `script` (weights_only=True); anything else is one UserError."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"no checkpoint at {path}; train first (without --sample-only), or pass --out")
+        raise UserError(f"no checkpoint at {path}; train first (without --sample-only), "
+                        "or pass --out")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise UserError(f"cannot read the checkpoint {path} (truncated or corrupt: {type(err).__name__}); "
-                        "delete it and train again") from None
+        raise UserError(f"cannot read the checkpoint {path} (truncated or corrupt: "
+                        f"{type(err).__name__}); delete it and train again") from None
     writer = ckpt.get("script") if isinstance(ckpt, dict) else None
     if writer != script:
         by = f"by {writer}.py" if writer else "by another program or an older version"
@@ -725,32 +607,12 @@ def load_state(obj, state, path: Path) -> None:
                                                    if own[k].shape != state[k].shape]
         if bad:
             raise UserError(f"the checkpoint {path} does not fit the model ({len(bad)} tensors "
-                            "differ, "
-                            f"e.g. {bad[0]}); pass another --out")
+                            f"differ, e.g. {bad[0]}); pass another --out")
     try:
         obj.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"the checkpoint {path} does not fit ({type(err).__name__}); "
                         "pass another --out") from None
-
-
-def resume_config(saved: dict, given: dict, fixed: Sequence[str], step: int, path: Path,
-                  steps_key: str = "steps", extend: bool = True) -> dict:
-    """The saved config with the flags a resumed run may change: `fixed` ones (model, process,
-    optimiser, run) must equal the saved value; `steps_key` may only extend the run (if `extend`)."""
-    for key, value in given.items():
-        if value is None or value == saved.get(key):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if key == steps_key and extend:
-            if value < step:
-                raise UserError(f"the checkpoint {path} is at step {step}; {flag} must be at least "
-                                "that")
-            continue
-        if key in fixed or key == steps_key:
-            raise UserError(f"the checkpoint {path} has {key}={saved.get(key)}: a resumed run keeps "
-                            f"what defines it; drop {flag} or pass another --out")
-    return {**saved, **{k: v for k, v in given.items() if v is not None}}
 
 
 class Checkpointer:
@@ -779,13 +641,12 @@ class Checkpointer:
             raise self._stop(self.signum, f"after the last step; {self.where} holds it")
 
     def _stop(self, signum: int, what: str) -> Interrupted:
-        name = signal.Signals(signum).name
-        return Interrupted(f"interrupted ({name}) {what}", 128 + signum)
+        return Interrupted(f"interrupted ({signal.Signals(signum).name}) {what}", 128 + signum)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise self._stop(signum, f"again: stopped at once; {self.where} holds the last saved "
-                             "step")
+            raise self._stop(signum, f"again: stopped at once; {self.where} holds the last "
+                             "saved step")
         self.signum = signum
 
     def begin(self, step: int) -> None:
@@ -800,11 +661,11 @@ class Checkpointer:
             self.save(step, self.rng)
             self.t_saved = time.monotonic()
         if self.signum is not None:
-            raise self._stop(self.signum, f"at step {step}: saved it in {self.where}; continue with "
-                             "--resume")
+            raise self._stop(self.signum, f"at step {step}: saved it in {self.where}; continue "
+                             "with --resume")
 
 
-# -- plotting --------------------------------------------------------------------------------
+# -- plotting ------------------------------------------------------------------------------------
 
 
 def _plt():
@@ -816,82 +677,80 @@ def _plt():
     return plt
 
 
+def _to_unit(x: torch.Tensor, value_range) -> torch.Tensor:
+    lo, hi = value_range
+    return ((x.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+
+
 def save_image_grid(x: torch.Tensor, path: Path, nrow: int = 10, value_range=(-1.0, 1.0)) -> None:
     """A grid of images (N, C, H, W) in value_range, written as PNG."""
     from torchvision.utils import save_image
 
-    lo, hi = value_range
-    save_image(((x.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1), str(path), nrow=nrow, padding=2)
+    save_image(_to_unit(x, value_range), str(path), nrow=nrow, padding=2)
 
 
-def plot_loss(losses: Sequence[float], path: Path, title: str = "training loss", smooth: int = 50) -> None:
-    plt = _plt()
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+
+
+def plot_loss(losses: Sequence[float], path: Path, title: str = "training loss",
+              smooth: int = 50) -> None:
     losses = np.asarray(losses, dtype=float)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _plt().subplots(figsize=(6, 3.5))
     ax.plot(losses, alpha=0.3, lw=0.8, label="per step")
     if len(losses) >= smooth > 1:
-        ax.plot(np.arange(smooth - 1, len(losses)), np.convolve(losses, np.ones(smooth) / smooth, "valid"),
-                lw=1.5, label=f"mean of {smooth}")
+        ax.plot(np.arange(smooth - 1, len(losses)),
+                np.convolve(losses, np.ones(smooth) / smooth, "valid"), lw=1.5,
+                label=f"mean of {smooth}")
     ax.set(xlabel="step", ylabel="loss", title=title)
     if losses.size and (losses > 0).all() and losses.max() / losses.min() > 30:
         ax.set_yscale("log")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def scatter_2d(panels: dict[str, np.ndarray], truth: np.ndarray | None, path: Path, lim: float | None = None) -> None:
+def _points(ax, pts, truth, lim, title, size=2):
+    if truth is not None:
+        ax.scatter(truth[:, 0], truth[:, 1], s=size, c="0.75")
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="C0", alpha=0.6)
+    ax.set_title(title, fontsize=9)
+    ax.set_aspect("equal")
+    if lim is not None:
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
+
+
+def scatter_2d(panels: dict[str, np.ndarray], truth: np.ndarray | None, path: Path,
+               lim: float | None = None) -> None:
     """One panel per sample set, each drawn over the ground truth in grey."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    fig, axes = _plt().subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels.items()):
-        if truth is not None:
-            ax.scatter(truth[:, 0], truth[:, 1], s=2, c="0.75", label="data")
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="C0", alpha=0.6)
-        ax.set_title(title, fontsize=9)
-        ax.set_aspect("equal")
-        if lim is not None:
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        _points(ax, pts, truth, lim, title)
+    _save(fig, path)
 
 
 def save_gif(path: Path, n_frames: int, draw: Callable, fps: int = 10, figsize=(4, 4)) -> None:
     """A GIF through matplotlib's PillowWriter; draw(ax, i) paints frame i on a cleared axis."""
-    plt = _plt()
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    fig, ax = plt.subplots(figsize=figsize)
-
-    def update(i):
-        ax.clear()
-        draw(ax, i)
-
-    FuncAnimation(fig, update, frames=n_frames).save(str(path), writer=PillowWriter(fps=fps), dpi=80)
-    plt.close(fig)
+    fig, ax = _plt().subplots(figsize=figsize)
+    anim = FuncAnimation(fig, lambda i: (ax.clear(), draw(ax, i)), frames=n_frames)
+    anim.save(str(path), writer=PillowWriter(fps=fps), dpi=80)
+    _plt().close(fig)
 
 
-def gif_points(path: Path, frames: Sequence[np.ndarray], titles: Sequence[str], truth=None, lim=None, fps=10):
-    def draw(ax, i):
-        if truth is not None:
-            ax.scatter(truth[:, 0], truth[:, 1], s=1, c="0.8")
-        ax.scatter(frames[i][:, 0], frames[i][:, 1], s=2, c="C0")
-        ax.set_title(titles[i], fontsize=9)
-        if lim is not None:
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
-        ax.set_aspect("equal")
-
-    save_gif(path, len(frames), draw, fps)
+def gif_points(path: Path, frames: Sequence[np.ndarray], titles: Sequence[str], truth=None,
+               lim=None, fps=10):
+    save_gif(path, len(frames), lambda ax, i: _points(ax, frames[i], truth, lim, titles[i], 1), fps)
 
 
-def gif_images(path: Path, frames: Sequence[torch.Tensor], titles: Sequence[str], nrow=8, value_range=(-1, 1), fps=10):
+def gif_images(path: Path, frames: Sequence[torch.Tensor], titles: Sequence[str], nrow=8,
+               value_range=(-1, 1), fps=10):
     """frames: batches (N, C, H, W) of the same images at successive steps."""
     from torchvision.utils import make_grid
 
-    lo, hi = value_range
-    grids = [make_grid(((f.float().cpu() - lo) / (hi - lo)).clamp(0, 1), nrow=nrow).permute(1, 2, 0).numpy()
+    grids = [make_grid(_to_unit(f, value_range), nrow=nrow).permute(1, 2, 0).numpy()
              for f in frames]
 
     def draw(ax, i):
@@ -923,16 +782,14 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidths: Sequence[float] = (0.1, 0.
     x = torch.as_tensor(np.asarray(x[:max_n]), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(y[:max_n]), dtype=torch.float64)
     scale = torch.cat([x, y]).std(0).mean()
+    k = lambda a, b: sum(torch.exp(-torch.cdist(a, b).pow(2) / (2 * (h * scale) ** 2))
+                         for h in bandwidths)
 
-    def k(a, b):
-        d2 = torch.cdist(a, b).pow(2)
-        return sum(torch.exp(-d2 / (2 * (h * scale) ** 2)) for h in bandwidths)
+    def within(a):  # the mean of k over pairs of different points
+        kaa = k(a, a)
+        return (kaa.sum() - kaa.diagonal().sum()) / (len(a) * (len(a) - 1))
 
-    m, n = len(x), len(y)
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    term_x = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
-    term_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-    return float(term_x + term_y - 2 * kxy.mean())
+    return float(within(x) + within(y) - 2 * k(x, y).mean())
 
 
 def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.ndarray],
@@ -940,16 +797,13 @@ def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.n
     """Distances of `samples` to fresh ground truth, beside the real-vs-real floor: the same
     distances between two independent truth samples of the same size. Means over repeats.
     sample_truth(n, seed) must return n fresh points."""
-    n = len(samples)
-    swd, mmd, swd0, mmd0 = [], [], [], []
+    n, found = len(samples), {"swd": [], "swd_floor": [], "mmd": [], "mmd_floor": []}
     for r in range(repeats):
         a, b = sample_truth(n, seed + 1000 + 2 * r), sample_truth(n, seed + 1001 + 2 * r)
-        swd.append(sliced_wasserstein(samples, a, seed=r))
-        mmd.append(mmd_rbf(samples, a))
-        swd0.append(sliced_wasserstein(b, a, seed=r))
-        mmd0.append(mmd_rbf(b, a))
-    return {"swd": float(np.mean(swd)), "swd_floor": float(np.mean(swd0)),
-            "mmd": float(np.mean(mmd)), "mmd_floor": float(np.mean(mmd0)), "n": n}
+        for key, x in (("", samples), ("_floor", b)):
+            found["swd" + key].append(sliced_wasserstein(x, a, seed=r))
+            found["mmd" + key].append(mmd_rbf(x, a))
+    return {**{k: float(np.mean(v)) for k, v in found.items()}, "n": n}
 
 
 # -- the digit judge: sample quality of the MNIST scripts ----------------------------------------
@@ -1002,8 +856,7 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, recipe: dict) -> Jud
         idx = torch.randint(len(images), (recipe["batch"],), generator=gen)
         dy, dx = torch.randint(2 * s + 1, (2, len(idx), 1), generator=gen) + torch.arange(28)
         x = padded[idx[:, None, None], 0, dy[:, :, None], dx[:, None, :]].unsqueeze(1)
-        x = torch.cat([x, outlier_images(recipe["outliers"], gen)])
-        logits = net(x)[0]
+        logits = net(torch.cat([x, outlier_images(recipe["outliers"], gen)]))[0]
         loss = F.cross_entropy(logits[: len(idx)], labels[idx])
         loss = loss - logits[len(idx):].log_softmax(-1).mean() - math.log(10)  # CE to uniform
         opt.zero_grad(set_to_none=True)
@@ -1016,12 +869,9 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, recipe: dict) -> Jud
 @torch.no_grad()
 def judge_outputs(net: JudgeNet, x: torch.Tensor, batch: int = 1000):
     """Class probabilities and penultimate features (float64) of images in [-1, 1]."""
-    probs, feats = [], []
-    for i in range(0, len(x), batch):
-        logits, f = net(x[i:i + batch].float().clamp(-1, 1))
-        probs.append(logits.softmax(-1).double())
-        feats.append(f.double())
-    return torch.cat(probs), torch.cat(feats)
+    out = [net(x[i:i + batch].float().clamp(-1, 1)) for i in range(0, len(x), batch)]
+    return (torch.cat([o[0].softmax(-1).double() for o in out]),
+            torch.cat([o[1].double() for o in out]))
 
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
@@ -1030,56 +880,53 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     from scipy import linalg
 
     f1, f2 = f1.double().numpy(), f2.double().numpy()
-    mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # singular product: offset both, as pytorch-fid does
         off = np.eye(len(s1)) * 1e-6
         covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
-
-
-def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, dict]:
-    """The judge of dataset `name`, trained once on its training split and cached in
-    root/judge (or ~/.cache/diffusion-from-scratch when root is read-only), keyed by the dataset,
-    its size and JUDGE. Returns the network and its record (test accuracy, training seconds)."""
-    import hashlib
-    import time
-
-    train_x, train_y = labelled_images(name, root, train=True)
-    key = json.dumps([name, len(train_x), int(train_x.sum()), JUDGE], sort_keys=True)
-    fname = f"judge-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    folders = [Path(root) / "judge", Path.home() / ".cache" / "diffusion-from-scratch"]
-    for path in (f / fname for f in folders):
-        if path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            net = JudgeNet(JUDGE["width"], JUDGE["features"])
-            net.load_state_dict(saved["model"])
-            return net.eval(), saved["record"]
-    if not quiet:
-        print(f"training the {name} judge once ({JUDGE['steps']} steps, about a minute on a CPU)")
-    t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        net = train_judge(train_x, train_y, JUDGE)
-    test_x, test_y = labelled_images(name, root, train=False)
-    probs, _ = judge_outputs(net, test_x)
-    record = {"dataset": name, "train_images": len(train_x), "train_s": time.perf_counter() - t0,
-              "test_accuracy": float((probs.argmax(1) == test_y).double().mean()), **JUDGE}
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            state = {"model": net.state_dict(), "record": record}
-            save_checkpoint(folder / fname, state, "judge")
-            break
-        except OSError:
-            continue
-    return net, record
+    mean_gap = ((f1.mean(0) - f2.mean(0)) ** 2).sum()
+    return float(mean_gap + np.trace(s1 + s2 - 2 * np.real(covmean)))
 
 
 def labelled_images(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 1, 28, 28) images in [-1, 1] and their labels, from torchvision's MNIST-style files."""
     ds = torchvision_dataset(name, root, train, transform=None)
     return ds.data[:, None].float().div(127.5).sub(1), ds.targets.long()
+
+
+def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, dict, dict]:
+    """The judge of dataset `name`, trained once on its training split and cached in root/judge
+    (or ~/.cache/diffusion-from-scratch when root is read-only), keyed by the dataset, its size
+    and JUDGE. Returns the network, its record (test accuracy, training seconds) and the data
+    {"train": images, "test": images} it was keyed on."""
+    import hashlib
+
+    (train_x, train_y), (test_x, test_y) = (labelled_images(name, root, s) for s in (True, False))
+    key = json.dumps([name, len(train_x), int(train_x.sum()), JUDGE], sort_keys=True)
+    fname = f"judge-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    folders = [Path(root) / "judge", Path.home() / ".cache" / "diffusion-from-scratch"]
+    data, net = {"train": train_x, "test": test_x}, JudgeNet(JUDGE["width"], JUDGE["features"])
+    for path in (f / fname for f in folders if (f / fname).exists()):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(saved["model"])
+        return net.eval(), saved["record"], data
+    if not quiet:
+        print(f"training the {name} judge once ({JUDGE['steps']} steps, about a minute on a CPU)")
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        net = train_judge(train_x, train_y, JUDGE)
+    accuracy = (judge_outputs(net, test_x)[0].argmax(1) == test_y).double().mean()
+    record = {"dataset": name, "train_images": len(train_x), "train_s": time.perf_counter() - t0,
+              "test_accuracy": float(accuracy), **JUDGE}
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(folder / fname, {"model": net.state_dict(), "record": record}, "judge")
+            break
+        except OSError:
+            continue
+    return net, record, data
 
 
 def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, draws: int = 5,
@@ -1090,12 +937,9 @@ def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, d
     only at equal n). Floors beside them: real_confident of the test images, and real_fid, the
     mean (and std) over `draws` sets of n training images of their FID to the same test images.
     fid is None when n < min_ratio x features."""
-    net, record = load_judge(name, root, quiet)
-    test_x, _ = labelled_images(name, root, train=False)
-    train_x, _ = labelled_images(name, root, train=True)
-    n = len(samples)
-    probs, feats = judge_outputs(net, samples)
-    real_probs, real_feats = judge_outputs(net, test_x)
+    net, record, data = load_judge(name, root, quiet)
+    n, (probs, feats) = len(samples), judge_outputs(net, samples)
+    real_probs, real_feats = judge_outputs(net, data["test"])
     shares = torch.bincount(probs.argmax(1), minlength=10).double() / max(n, 1)
     out = {"n": n, "confident": float((probs.max(1).values > 0.9).double().mean()),
            "real_confident": float((real_probs.max(1).values > 0.9).double().mean()),
@@ -1105,9 +949,9 @@ def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, d
     if n < min_ratio * feats.shape[1]:
         out["fid_note"] = f"n = {n} is below {min_ratio:g} x {feats.shape[1]} features: no FID"
         return out
-    gen = torch.Generator().manual_seed(seed)
-    floors = [frechet_distance(judge_outputs(net, train_x[torch.randperm(len(train_x),
-              generator=gen)[:n]])[1], real_feats) for _ in range(draws)]
+    gen, train_x = torch.Generator().manual_seed(seed), data["train"]
+    floors = [frechet_distance(judge_outputs(net, train_x[torch.randperm(
+        len(train_x), generator=gen)[:n]])[1], real_feats) for _ in range(draws)]
     out["fid"] = frechet_distance(feats, real_feats)
     out["real_fid"], out["real_fid_std"] = float(np.mean(floors)), float(np.std(floors))
     return out
@@ -1116,8 +960,9 @@ def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, d
 def judge_line(j: dict) -> str:
     fid = "FID n/a" if j["fid"] is None else (
         f"FID {j['fid']:.1f} (real {j['real_fid']:.1f} +- {j['real_fid_std']:.1f})")
-    return (f"judge on {j['n']} samples: {fid}, confident {j['confident']:.1%} "
-            f"(real {j['real_confident']:.1%}), class shares within {j['class_share_max_dev']:.3f} of 0.1")
+    return (f"judge on {j['n']} samples: {fid}, confident {j['confident']:.1%} (real "
+            f"{j['real_confident']:.1%}), class shares within "
+            f"{j['class_share_max_dev']:.3f} of 0.1")
 
 
 def judge_file(argv: list[str] | None = None) -> dict:
@@ -1135,7 +980,7 @@ def judge_file(argv: list[str] | None = None) -> dict:
     return result
 
 
-# -- distributed data parallel (torchrun) ------------------------------------------------------
+# -- distributed data parallel (torchrun) --------------------------------------------------------
 
 
 @dataclass
@@ -1159,13 +1004,11 @@ def ddp_setup(device: torch.device) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), device
-    import torch.distributed as dist
-
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local), device
 
 
@@ -1187,62 +1030,23 @@ def all_ranks_agree(d: Dist, device: torch.device):
         raise failed
 
 
-def epoch_batches(n: int, batch_size: int, d: Dist, seed: int, step: int):
-    """Endless batches of indices into n items: each epoch a new shuffle (fixed by seed and epoch)
-    cut in one share per process. Starting at `step` replays the same order, so --resume continues
-    the same run."""
-    sampler = torch.utils.data.DistributedSampler(range(n), d.world_size, d.rank, shuffle=True,
-                                                  seed=seed, drop_last=True)
-    per_epoch = len(sampler) // batch_size
-    if per_epoch == 0:
-        raise UserError(f"{n} training images are fewer than one batch per process; "
-                        "lower --batch-size")
-    epoch, skip = divmod(step, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        idx = torch.tensor(list(sampler))
-        for i in range(skip, per_epoch):
-            yield idx[i * batch_size:(i + 1) * batch_size]
-        epoch, skip = epoch + 1, 0
-
-
-def ddp_cleanup(d: Dist) -> None:
-    if d.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def all_gather_cat(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Concatenate equal-shape tensors from every rank along dim 0 (identity without DDP)."""
-    if not d.enabled:
-        return x
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(d.world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def all_reduce_mean(value: float, d: Dist, device: torch.device) -> float:
-    if not d.enabled:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item() / d.world_size)
-
-
 def ddp_param_divergence(model: nn.Module, d: Dist, device: torch.device) -> float:
     """Largest absolute difference of any parameter between rank 0 and the other ranks:
     0.0 when DistributedDataParallel kept the replicas in sync (0.0 without DDP)."""
     if not d.enabled:
         return 0.0
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()]).to(device)
-    gathered = all_gather_cat(flat[None], d)
-    return float((gathered - gathered[:1]).abs().max().item())
+    parts = [torch.empty_like(flat) for _ in range(d.world_size)]
+    torch.distributed.all_gather(parts, flat)
+    return float(max((p - parts[0]).abs().max().item() for p in parts))
+
+
+def ddp_cleanup(d: Dist) -> None:
+    """After training: every rank leaves the process group (the caller then lets only rank 0
+    sample, evaluate and plot)."""
+    if d.enabled:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,12 @@ def write_idx(folder: Path, prefix: str, images, labels) -> None:
     images, labels = np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.uint8)
     n, h, w = images.shape
     with open(folder / f"{prefix}-images-idx3-ubyte", "wb") as f:
-        f.write((2051).to_bytes(4, "big") + n.to_bytes(4, "big") + h.to_bytes(4, "big") + w.to_bytes(4, "big"))
+        f.write(
+            (2051).to_bytes(4, "big")
+            + n.to_bytes(4, "big")
+            + h.to_bytes(4, "big")
+            + w.to_bytes(4, "big")
+        )
         f.write(images.tobytes())
     with open(folder / f"{prefix}-labels-idx1-ubyte", "wb") as f:
         f.write((2049).to_bytes(4, "big") + n.to_bytes(4, "big"))

@@ -131,9 +131,11 @@ def seed_value(text: str) -> int:
     return value
 
 
-def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bool = False):
-    """The shared flags, then one flag per Config field (`--field-name`, default None: the
-    preset's value), its help the field's comment with Config's and the presets' values."""
+def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bool = False,
+               trains: bool = True):
+    """The shared flags (--resume and --sample-only if the script `trains`), then one flag per
+    Config field (`--field-name`, default None: the preset's value), its help the field's
+    comment with Config's and the presets' values."""
     import typing
 
     parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
@@ -146,9 +148,11 @@ def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bo
     add("--seed", type=seed_value, default=None,
         help="random seed (default: 0; with --resume: the checkpoint's)")
     add("--out", type=Path, default=Path("runs") / script, help=f"output folder (runs/{script})")
-    add("--resume", action="store_true",
-        help="continue the run in OUT/ckpt.pt; with --steps N: extend it to N steps")
-    add("--sample-only", action="store_true", help="load OUT/ckpt.pt, only sample and evaluate")
+    if trains:
+        add("--resume", action="store_true",
+            help="continue the run in OUT/ckpt.pt; with --steps N: extend it to N steps")
+        add("--sample-only", action="store_true", help="load OUT/ckpt.pt, only sample, evaluate")
+    parser.set_defaults(resume=False, sample_only=False)
     if image:
         add("--data-dir", type=Path, default=Path("data"), help="datasets' folder (./data)")
     group = parser.add_argument_group("settings (Config; default: the preset's value)")
@@ -190,7 +194,7 @@ def run_config(args, config_cls, presets: dict, script: str, free: Sequence[str]
         args.seed = 0 if args.seed is None else args.seed
         return preset, _precision(make_config(config_cls, values), given, device, quiet), None
     path = args.out / "ckpt.pt"
-    ckpt = load_checkpoint(path, script, map_location=device)
+    ckpt = load_checkpoint(path, script)  # on the CPU: RNG states stay CPU tensors
     saved = ckpt["config"]
     for key, value in {**given, "preset": args.preset, "seed": args.seed}.items():
         if value is None or value == saved.get(key, ckpt.get(key)) or key in free:

@@ -22,7 +22,8 @@ m = load_script("01_exact_score_langevin")
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """2-D work on a few thousand points: one thread is faster than two, much faster on a busy CPU."""
+    """2-D work on a few thousand points: one thread is faster than two, much faster on a busy
+    CPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -52,17 +53,21 @@ def test_noisy_mixture_is_normalised_and_is_the_convolution(sigma):
     grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
     mass = m.log_prob(grid, mix, sigma).exp().sum() * (g[1] - g[0]) ** 2
     assert abs(mass.item() - 1) < 1e-6
-    # q_sigma is the law of x + sigma z: same mean, covariance grown by sigma^2 I (20k draws: 1% slack)
+    # q_sigma is the law of x + sigma z: same mean, covariance grown by sigma^2 I (20k draws: 1%
+    # slack)
     gen = torch.Generator().manual_seed(0)
-    y = m.sample_mixture(mix, 20000, gen) + sigma * torch.randn(20000, 2, generator=gen, dtype=torch.float64)
+    x = m.sample_mixture(mix, 20000, gen)
+    y = x + sigma * torch.randn(20000, 2, generator=gen, dtype=torch.float64)
     mean = (mix.weights[:, None] * mix.means).sum(0)
-    cov = (mix.weights[:, None, None] * (mix.covs + torch.einsum("ki,kj->kij", mix.means, mix.means))).sum(0)
+    second = mix.covs + torch.einsum("ki,kj->kij", mix.means, mix.means)
+    cov = (mix.weights[:, None, None] * second).sum(0)
     cov = cov - torch.outer(mean, mean) + sigma**2 * torch.eye(2, dtype=torch.float64)
     torch.testing.assert_close(torch.cov(y.T), cov, rtol=0.03, atol=0.1)
 
 
 def test_langevin_bias_matches_closed_form_and_mala_removes_it():
-    # On N(0, v) the unadjusted step x' = (1 - h / 2v) x + sqrt(h) z keeps variance v / (1 - h / 4v):
+    # On N(0, v) the unadjusted step x' = (1 - h / 2v) x + sqrt(h) z keeps variance
+    # v / (1 - h / 4v):
     # with v = 0.09, h = 0.1 that is 0.1246, 38% too wide. MALA's law is exactly N(0, v).
     # 4000 chains estimate a variance to ~2.2% (one sd), hence the 8% tolerance.
     v, h = 0.09, 0.1
@@ -95,13 +100,16 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_its_outputs(smoke_run):
     out, metrics = smoke_run
-    for name in ("config.json", "metrics.json", "samples.pt", "samples.png", "score_field.png", "weights.png",
+    for name in ("config.json", "metrics.json", "samples.pt", "samples.png", "score_field.png",
+                 "weights.png",
                  "annealed_langevin.gif", "sde_ode_trajectories.png"):
         assert (out / name).stat().st_size > 0, name
     names = list(metrics["samplers"])
     assert any("SDE" in n for n in names) and any("ODE" in n for n in names)
     assert metrics["ode_likelihood"]["mae_nats"] < 0.01
-    assert json.loads((out / "metrics.json").read_text())["samplers"].keys() == metrics["samplers"].keys()
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["samplers"].keys() == metrics["samplers"].keys()
+    assert metrics["samplers"]["Langevin"]["n"] == 1000 and metrics["wall_s_total"] > 0
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples["annealed Langevin"].shape == (1000, 2)
 

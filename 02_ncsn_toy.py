@@ -59,12 +59,12 @@ class Config:
     n_levels: int = 10  # L, the number of noise levels (the paper's)
     # annealed Langevin, Algorithm 1: T steps per level, alpha_i = eps sigma_i^2 / sigma_L^2
     T: int = 100  # annealed Langevin steps per noise level (the paper's)
-    eps: float = 5e-4  # alpha_i / sigma_i^2 = eps / sigma_L^2 = 0.2, as the paper's 2e-5 at 0.01
+    eps: float = 5e-4  # alpha_i = eps sigma_i^2 / sigma_L^2 (paper 2e-5 at sigma_L 0.01: same 0.2)
     box: float = 8.0  # the chains start uniform on [-box, box]^2
     # network (the paper's is a RefineNet) and training
     width: int = 96  # hidden units; 64 biases the weights toward the heavy mode (~0.03, 3 seeds)
     depth: int = 3  # hidden layers
-    steps: int = 200_000  # training steps (the paper's)
+    steps: int = 200_000  # training steps (the paper's); with --resume: extend the run to this
     batch_size: int = 128  # fresh data points per step (the paper's)
     lr: float = 1e-3  # Adam's learning rate, constant (the paper's)
     ema_decay: float = 0.999  # EMA of the weights for sampling: NCSNv2, technique 5 (NCSN: none)

@@ -31,14 +31,15 @@ weights, within-mode spread), samples.pt (a dict sampler name -> (N, 2) tensor),
 three noise levels), weights.png (the weight bar chart), annealed_langevin.gif,
 sde_ode_trajectories.png (SDE and ODE paths from the same x(T)); metrics.json also holds the
 ODE log-likelihood's error ("ode_likelihood"). Nothing is trained here, so there is no ckpt.pt
-and no loss.png.
+and no loss.png; --resume is refused and --sample-only changes nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -48,61 +49,56 @@ from tqdm import tqdm
 
 import common
 
-# -- config: presets + argparse -----------------------------------------------------------
+# -- config ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Config:
-    components: int = 3  # K; weights proportional to 2^-k: (4, 2, 1) / 7 for K = 3
-    radius: float = 5.0  # the means sit on a circle this wide; modes are ~8.7 apart for K = 3
+    components: int = 3  # K mixture components, weights proportional to 2^-k: (4, 2, 1) / 7
+    radius: float = 5.0  # the means sit on a circle this wide; modes ~8.7 apart for K = 3
     n_samples: int = 5000  # particles per sampler (and size of each ground-truth draw)
     box: float = 8.0  # every chain starts uniform on [-box, box]^2 (the paper: uniform, too)
     # plain Langevin / MALA (Eq. 4): a fixed step, many steps. The step is large enough that
     # the discretisation bias shows (modes ~4% too wide) and MALA can remove it.
-    step: float = 0.05
-    n_steps: int = 1000
-    # annealed Langevin (Algorithm 1). Paper (images in [0, 1]): sigma 1 -> 0.01, L = 10,
-    # T = 100, eps = 2e-5. sigma_1 here is ~ the largest distance between modes (as NCSNv2,
-    # technique 1, advises), so that at sigma_1 the modes overlap.
-    sigma_1: float = 10.0
-    sigma_L: float = 0.01
-    n_levels: int = 100  # L; paper 10. Ten levels over three decades quench rather than anneal
-    coarse_levels: int = 10  # the paper's L, run beside ours to show it (weights ~0.02 off)
-    T: int = 100  # steps per noise level (paper 100)
-    eps: float = 2e-5  # alpha_i = eps sigma_i^2 / sigma_L^2, so alpha_i / sigma_i^2 = 0.2 (paper 2e-5)
-    gif_frames: int = 40
-    # score SDEs (Song et al. 2021) on the same mixture: the VP SDE with the paper's beta range
-    beta_min: float = 0.1
-    beta_max: float = 20.0
+    step: float = 0.05  # step size eps of plain Langevin and MALA (Eq. 4)
+    n_steps: int = 1000  # steps of plain Langevin and MALA
+    # annealed Langevin (Algorithm 1). The paper (images in [0, 1]): sigma 1 -> 0.01. sigma_1
+    # here is ~ the largest distance between modes (as NCSNv2, technique 1, advises), so that
+    # at sigma_1 the modes overlap.
+    sigma_1: float = 10.0  # largest noise level (paper 1, for images in [0, 1])
+    sigma_L: float = 0.01  # smallest noise level (the paper's)
+    n_levels: int = 10  # L, the number of noise levels (the paper's)
+    coarse_levels: int = 10  # the paper's L, run beside n_levels to show it (weights ~0.02 off)
+    T: int = 100  # annealed Langevin steps per noise level (the paper's)
+    eps: float = 2e-5  # alpha_i = eps sigma_i^2 / sigma_L^2, alpha_i / sigma_i^2 = 0.2 (paper's)
+    gif_frames: int = 40  # frames of annealed_langevin.gif
+    # score SDEs (Song et al. 2021) on the same mixture: the VP SDE with the paper's values
+    beta_min: float = 0.1  # beta(0) of the VP SDE (Eq. 11)
+    beta_max: float = 20.0  # beta(1) of the VP SDE
     sde_steps: int = 1000  # Euler-Maruyama steps of the reverse SDE (paper N = 1000)
-    sde_eps: float = 1e-3  # sampling ends at t = eps (paper 1e-3)
-    ode_tol: float = 1e-5  # RK45 rtol = atol (paper 1e-5)
-    likelihood_eps: float = 1e-5  # the likelihood integral starts at t = eps (paper 1e-5)
+    sde_eps: float = 1e-3  # sampling ends at t = eps (the paper's)
+    ode_tol: float = 1e-5  # RK45 rtol = atol (the paper's)
+    likelihood_eps: float = 1e-5  # the likelihood integral starts at t = eps (the paper's)
     likelihood_points: int = 500  # fresh mixture draws whose log-density the ODE computes
     trajectories: int = 16  # particles drawn in sde_ode_trajectories.png
 
+    def __post_init__(self):
+        for f in fields(self):  # every setting here is a count or a size
+            if getattr(self, f.name) <= 0:
+                raise common.UserError(f"--{f.name.replace('_', '-')} must be > 0")
+        if not (self.sigma_L < self.sigma_1 and self.beta_min < self.beta_max):
+            raise common.UserError("need --sigma-L < --sigma-1 and --beta-min < --beta-max")
+
 
 PRESETS = {
-    "smoke": Config(n_samples=1000, n_steps=400, n_levels=50, T=40, gif_frames=4,
-                    sde_steps=250, likelihood_points=200),
-    "cpu": Config(),
-    "gpu": Config(n_samples=20000, n_steps=4000, n_levels=200),
+    "smoke": {"n_samples": 1000, "n_steps": 400, "n_levels": 50, "T": 40, "gif_frames": 4,
+              "sde_steps": 250, "likelihood_points": 200},
+    # L: the paper's 10 levels over three decades quench rather than anneal (weights ~0.02 off)
+    "cpu": {"n_levels": 100},
+    "gpu": {"n_samples": 20000, "n_steps": 4000, "n_levels": 200},
 }
-
-
-def parse_args(argv):
-    parser = common.base_parser(__doc__, "01_exact_score_langevin")
-    parser.epilog = ("Nothing is trained here: --sample-only is accepted and changes nothing (this script only "
-                     "samples), --resume is refused (there is no training run to continue).")
-    parser.add_argument("--components", type=common.positive_int, help="number of mixture components (default: 3)")
-    parser.add_argument("--n-samples", type=common.positive_int, help="particles per sampler")
-    parser.add_argument("--step", type=common.positive_float, help="step size of plain Langevin and MALA")
-    parser.add_argument("--n-steps", type=common.positive_int, help="steps of plain Langevin and MALA")
-    parser.add_argument("--T", type=common.positive_int, help="annealed Langevin: steps per noise level")
-    parser.add_argument("--eps", type=common.positive_float, help="annealed Langevin: eps of alpha_i")
-    parser.set_defaults(seed=0)
-    return parser.parse_args(argv)
-
+FREE = ()  # nothing is trained, so there is no run to resume
+STEM = "01_exact_score_langevin"
 
 # -- data: the Gaussian mixture and its exact scores ------------------------------------
 
@@ -120,12 +116,13 @@ def make_mixture(k: int = 3, radius: float = 5.0) -> Mixture:
     means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
     weights = 0.5 ** torch.arange(k, dtype=torch.float64)
     turn = angles + math.pi / 2
-    rot = torch.stack([torch.stack([turn.cos(), -turn.sin()], -1), torch.stack([turn.sin(), turn.cos()], -1)], -2)
+    rot = torch.stack([torch.stack([turn.cos(), -turn.sin()], -1),
+                       torch.stack([turn.sin(), turn.cos()], -1)], -2)
     covs = rot @ torch.diag(torch.tensor([1.0, 0.09], dtype=torch.float64)) @ rot.transpose(-1, -2)
     return Mixture((weights / weights.sum()).float(), means.float(), covs.float())
 
 
-def sample_mixture(mix: Mixture, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_mixture(mix: Mixture, n: int, generator: torch.Generator | None = None):
     """Ancestral sampling: a component k ~ Cat(w), then x ~ N(mu_k, Sigma_k)."""
     k = torch.multinomial(mix.weights, n, replacement=True, generator=generator)
     z = torch.randn(n, 2, generator=generator, dtype=mix.means.dtype)
@@ -136,11 +133,12 @@ def noisy_components(x: torch.Tensor, mix: Mixture, sigma: float = 0.0):
     """The noisy data q_sigma = p * N(0, sigma^2 I) of a mixture is the same mixture with every
     covariance grown by sigma^2 I. Returns log w_k + log N(x; mu_k, C_k), shape (N, K), and
     C_k^-1 (x - mu_k), shape (K, N, 2), with C_k = Sigma_k + sigma^2 I. (Components first: fast.)"""
-    cov = mix.covs + sigma**2 * torch.eye(2, dtype=mix.covs.dtype)
+    cov = mix.covs + sigma**2 * torch.eye(2, dtype=mix.covs.dtype, device=mix.covs.device)
     diff = x[None] - mix.means[:, None]  # (K, N, 2)
-    prec_diff = diff @ torch.linalg.inv(cov)  # C_k is symmetric, so (x - mu) C^-1 = (C^-1 (x - mu))^T
+    prec_diff = diff @ torch.linalg.inv(cov)  # C_k is symmetric: (x - mu) C^-1 = (C^-1 (x - mu))^T
     maha = (prec_diff * diff).sum(-1)
-    log_comp = mix.weights.log()[:, None] - 0.5 * maha - 0.5 * torch.logdet(cov)[:, None] - math.log(2 * math.pi)
+    log_comp = mix.weights.log()[:, None] - 0.5 * maha - 0.5 * torch.logdet(cov)[:, None]
+    log_comp = log_comp - math.log(2 * math.pi)
     return log_comp, prec_diff
 
 
@@ -165,32 +163,39 @@ def log_prob_and_score(x: torch.Tensor, mix: Mixture, sigma: float = 0.0):
 # -- the method: Langevin, MALA, annealed Langevin (Algorithm 1) ---------------------------
 
 
-def langevin(x: torch.Tensor, score_fn, step: float, n_steps: int, generator=None) -> torch.Tensor:
-    """Langevin dynamics (Eq. 4): x_t = x_{t-1} + (eps/2) grad log p(x_{t-1}) + sqrt(eps) z_t."""
-    for _ in range(n_steps):
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+def langevin(x: torch.Tensor, score_fn, step: float, n_steps: int, generator=None, record=None):
+    """Langevin dynamics (Eq. 4): x_t = x_{t-1} + (eps/2) grad log p(x_{t-1}) + sqrt(eps) z_t.
+    record(t, x), if given, sees the points after every step."""
+    for t in range(n_steps):
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = x + 0.5 * step * score_fn(x) + math.sqrt(step) * z
+        if record is not None:
+            record(t, x)
     return x
 
 
-def mala(x: torch.Tensor, log_prob_and_score_fn, step: float, n_steps: int, generator=None):
+def mala(x: torch.Tensor, log_prob_and_score_fn, step: float, n_steps: int, generator=None,
+         record=None):
     """Metropolis-adjusted Langevin (Roberts & Tweedie 1996): the Eq. 4 step as a proposal x',
     accepted with probability min(1, p(x') q(x | x') / (p(x) q(x' | x))), where
     q(x' | x) = N(x'; x + (eps/2) grad log p(x), eps I). Its stationary law is exactly p.
     log_prob_and_score_fn(x) returns (log p(x) up to a constant, grad log p(x)).
-    Returns the final points and the mean acceptance rate."""
+    Returns the final points and the mean acceptance rate; record(t, x) as in langevin."""
     logp, s = log_prob_and_score_fn(x)
-    accepted = torch.zeros(())
-    for _ in range(n_steps):
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    accepted = torch.zeros((), device=x.device)
+    for t in range(n_steps):
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         prop = x + 0.5 * step * s + math.sqrt(step) * z
         logp_prop, s_prop = log_prob_and_score_fn(prop)
         log_q_fwd = -(z**2).sum(1) / 2  # |x' - x - (eps/2) s(x)|^2 / (2 eps)
         log_q_bwd = -((x - prop - 0.5 * step * s_prop) ** 2).sum(1) / (2 * step)
-        accept = torch.rand(len(x), generator=generator, dtype=x.dtype).log() < logp_prop + log_q_bwd - logp - log_q_fwd
+        u = torch.rand(len(x), generator=generator, dtype=x.dtype, device=x.device)
+        accept = u.log() < logp_prop + log_q_bwd - logp - log_q_fwd
         x = torch.where(accept[:, None], prop, x)
         logp, s = torch.where(accept, logp_prop, logp), torch.where(accept[:, None], s_prop, s)
         accepted += accept.float().mean()
+        if record is not None:
+            record(t, x)
     return x, accepted.item() / max(n_steps, 1)
 
 
@@ -199,27 +204,31 @@ def geometric_sigmas(sigma_1: float, sigma_L: float, n_levels: int) -> torch.Ten
     return torch.logspace(math.log10(sigma_1), math.log10(sigma_L), n_levels, dtype=torch.float64)
 
 
-def annealed_langevin(x, score_fn, sigmas, eps: float, T: int, generator=None, record=None) -> torch.Tensor:
-    """Annealed Langevin dynamics (Algorithm 1): for each sigma_i, alpha_i = eps sigma_i^2 / sigma_L^2,
-    then T steps of Eq. 4 on q_{sigma_i}; score_fn(x, sigma) is the score of q_sigma.
-    record(i, t, x), if given, sees the points after every step."""
+def annealed_langevin(x, score_fn, sigmas, eps: float, T: int, generator=None, record=None):
+    """Annealed Langevin dynamics (Algorithm 1): for each sigma_i, alpha_i = eps sigma_i^2 /
+    sigma_L^2, then T steps of Eq. 4 on q_{sigma_i}; score_fn(x, sigma) is the score of q_sigma.
+    record(i, t, x), if given, sees the points after step t of level i."""
     for i, sigma in enumerate(sigmas.tolist()):
         alpha = eps * sigma**2 / sigmas[-1].item() ** 2
         for t in range(T):
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = x + 0.5 * alpha * score_fn(x, sigma) + math.sqrt(alpha) * z
             if record is not None:
                 record(i, t, x)
     return x
 
 
-def annealed_mala(x, log_prob_and_score_fn, sigmas, eps: float, T: int, generator=None):
-    """Algorithm 1 with each level's T steps Metropolis-adjusted: on q_{sigma_i} with step alpha_i.
-    log_prob_and_score_fn(x, sigma) gives log q_sigma and its score. Returns points, acceptance."""
+def annealed_mala(x, log_prob_and_score_fn, sigmas, eps: float, T: int, generator=None,
+                  record=None):
+    """Algorithm 1 with each level's T steps Metropolis-adjusted: on q_{sigma_i} with step
+    alpha_i. log_prob_and_score_fn(x, sigma) gives log q_sigma and its score. Returns the points
+    and the mean acceptance rate; record(i, t, x) as in annealed_langevin."""
     rates = []
-    for sigma in sigmas.tolist():
+    for i, sigma in enumerate(sigmas.tolist()):
         alpha = eps * sigma**2 / sigmas[-1].item() ** 2
-        x, rate = mala(x, lambda y, sigma=sigma: log_prob_and_score_fn(y, sigma), alpha, T, generator)
+        fn = lambda y, sigma=sigma: log_prob_and_score_fn(y, sigma)
+        level = None if record is None else lambda t, y, i=i: record(i, t, y)
+        x, rate = mala(x, fn, alpha, T, generator, level)
         rates.append(rate)
     return x, float(np.mean(rates))
 
@@ -357,8 +366,9 @@ def spread_ratio(x: torch.Tensor, mix: Mixture) -> float:
     assigned to k: 1 when every mode has the right shape, > 1 when the modes come out too wide
     (the fixed-step bias of unadjusted Langevin); both axes count alike, however thin."""
     k = noisy_components(x, mix)[0].argmax(0)
-    ratios = [math.sqrt(torch.trace(torch.linalg.solve(mix.covs[j], torch.cov(x[k == j].T))).item() / 2)
+    ratios = [torch.trace(torch.linalg.solve(mix.covs[j], torch.cov(x[k == j].T))).item() / 2
               for j in range(len(mix.weights)) if (k == j).sum() > 2]
+    ratios = [math.sqrt(r) for r in ratios]
     return float(np.mean(ratios))
 
 
@@ -366,11 +376,13 @@ def distance_reports(sets: dict, sample_truth, repeats: int = 3, seed: int = 0) 
     """common.distance_report for several sample sets of one size, with the real-vs-real floor
     (the same for all of them: same size, same truth draws) computed once instead of per set."""
     n = len(next(iter(sets.values())))
-    draws = [(sample_truth(n, seed + 1000 + 2 * r), sample_truth(n, seed + 1001 + 2 * r)) for r in range(repeats)]
+    draws = [(sample_truth(n, seed + 1000 + 2 * r), sample_truth(n, seed + 1001 + 2 * r))
+             for r in range(repeats)]
+    swd = lambda x: np.mean([common.sliced_wasserstein(x, a, seed=r)
+                             for r, (a, _) in enumerate(draws)])
     floor_swd = np.mean([common.sliced_wasserstein(b, a, seed=r) for r, (a, b) in enumerate(draws)])
     floor_mmd = np.mean([common.mmd_rbf(b, a) for a, b in draws])
-    return {name: {"swd": float(np.mean([common.sliced_wasserstein(x, a, seed=r) for r, (a, _) in enumerate(draws)])),
-                   "swd_floor": float(floor_swd),
+    return {name: {"swd": float(swd(x)), "swd_floor": float(floor_swd),
                    "mmd": float(np.mean([common.mmd_rbf(x, a) for a, _ in draws])),
                    "mmd_floor": float(floor_mmd), "n": n}
             for name, x in sets.items()}
@@ -387,7 +399,8 @@ def plot_score_field(mix: Mixture, sigmas, path, lim: float) -> None:
         logq = log_prob(grid, mix, sigma).reshape(200, 200)
         ax.contourf(g, g, logq.clamp_min(logq.max() - 12), levels=16, cmap="Blues")
         s = score(qgrid, mix, sigma)
-        s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-8) * s.norm(dim=1, keepdim=True).clamp_max(1).pow(0.5)
+        norm = s.norm(dim=1, keepdim=True)
+        s = s / norm.clamp_min(1e-8) * norm.clamp_max(1).pow(0.5)  # length ~ sqrt, capped at 1
         ax.quiver(qgrid[:, 0], qgrid[:, 1], s[:, 0], s[:, 1], color="C3", width=0.004, scale=25)
         ax.set_title(f"log q_sigma (contours) and its score, sigma = {sigma:g}", fontsize=9)
         ax.set_aspect("equal")
@@ -456,35 +469,27 @@ def plot_trajectories(mix: Mixture, sde: VPSDE, paths: dict, path, lim: float) -
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a few thousand 2-D points: one thread is fastest (and kind to a shared CPU)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
-def configure(args):
-    """The preset with the flags given on top of it; writes config.json. Returns cfg, preset."""
-    if args.resume:
-        raise common.UserError("this script trains nothing, so there is nothing to --resume; run it without")
-    device = common.get_device(args.device)
-    if device.type != "cpu":
-        print(f"2-D chains of a few thousand points are fastest on the CPU; ignoring --device {device}")
-    preset = common.resolve_preset(args.preset, device)
-    overrides = {f: getattr(args, f) for f in ("components", "n_samples", "step", "n_steps", "T", "eps")}
-    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-    common.seed_everything(args.seed)
-    out = common.prepare_out(args.out)
-    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
-    return cfg, preset
+# -- sampling: every sampler on the same mixture, from the same start ------------------------
 
 
-def make_samplers(cfg, mix, x0, sigmas, gen, record, sde, x_T, gen_T) -> dict:
-    """name: (run, number of steps); run() returns the points and a dict of extras. The Langevin
-    chains start from x0, the reverse SDE and the probability flow ODE from x_T ~ N(0, I)."""
+def starting_points(cfg: Config, seed: int) -> tuple:
+    """The Langevin chains start uniform on [-box, box]^2, the SDE and the ODE from x(T) ~ N(0, I)
+    (the prior p_T); each with its generator, which the samplers then go on drawing from."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = (torch.rand(cfg.n_samples, 2, generator=gen) * 2 - 1) * cfg.box
+    gen_T = torch.Generator().manual_seed(seed + 1)
+    x_T = torch.randn(cfg.n_samples, 2, generator=gen_T)
+    return x0, gen, x_T, gen_T
+
+
+def make_samplers(cfg: Config, mix: Mixture, starts: tuple, record) -> dict:
+    """name: (run, number of steps); run() returns the points and a dict of extras. record(i, t, x)
+    goes to the annealed Langevin chain of n_levels levels."""
+    x0, gen, x_T, gen_T = starts
+    sde = VPSDE(cfg.beta_min, cfg.beta_max)
+    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
     coarse = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.coarse_levels)
     total = cfg.n_levels * cfg.T
     exact_score = lambda y, sigma=0.0: score(y, mix, sigma)
@@ -515,7 +520,36 @@ def make_samplers(cfg, mix, x0, sigmas, gen, record, sde, x_T, gen_T) -> dict:
     }
 
 
-def likelihood_report(cfg, mix: Mixture, sde: VPSDE, x: torch.Tensor) -> dict:
+def run_samplers(cfg: Config, mix: Mixture, seed: int) -> tuple[dict, dict, list]:
+    """Every sampler in turn, timed. Returns the samples, each sampler's timing and the frames
+    (title, points) of annealed_langevin.gif."""
+    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
+    keep = set(np.linspace(0, cfg.n_levels * cfg.T - 1, cfg.gif_frames).round().astype(int))
+    frames = []
+
+    def record(i, t, x):
+        if i * cfg.T + t in keep:
+            title = f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = {sigmas[i]:.3g}"
+            frames.append((title, x[:1000].numpy().copy()))
+
+    samplers = make_samplers(cfg, mix, starting_points(cfg, seed), record)
+    samples, timings = {}, {}
+    for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
+        t0 = time.perf_counter()
+        samples[name], extras = sample_fn()
+        common.check_finite(samples[name], None, f"a sample of {name}",
+                            "try a smaller --step or --eps")
+        wall = time.perf_counter() - t0
+        timings[name] = {**extras, "n": cfg.n_samples, "wall_s": wall,
+                         "samples_per_s": cfg.n_samples / wall,
+                         "steps_per_s": (n_steps or extras["nfe"]) / wall}
+    return samples, timings, frames
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def likelihood_report(cfg: Config, mix: Mixture, sde: VPSDE, x: torch.Tensor) -> dict:
     """log p(x) through the probability flow ODE (Appendix D.2) against the true log-density of
     the mixture, in float64, with the exact prior p_T (the mixture at T, so only the ODE solve
     errs) and with the paper's N(0, I) (p_T is not exactly N(0, I): m(1) = 0.0066)."""
@@ -523,99 +557,124 @@ def likelihood_report(cfg, mix: Mixture, sde: VPSDE, x: torch.Tensor) -> dict:
     score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
     log_p_T = lambda z: log_prob(z, perturbed_mixture(mix, sde, sde.T))
     t0 = time.perf_counter()
-    logp, z, nfe = ode_log_likelihood(score_t, sde, x, cfg.likelihood_eps, cfg.ode_tol, cfg.ode_tol,
-                                      prior_logp=log_p_T)
-    seconds = time.perf_counter() - t0
+    logp, z, nfe = ode_log_likelihood(score_t, sde, x, cfg.likelihood_eps, cfg.ode_tol,
+                                      cfg.ode_tol, prior_logp=log_p_T)
+    wall = time.perf_counter() - t0
     err = logp - log_prob(x, mix)
     err_normal_prior = err + sde.prior_logp(z) - log_p_T(z)
     return {"n": len(x), "mean_log_p": log_prob(x, mix).mean().item(),
             "mae_nats": err.abs().mean().item(), "max_abs_error_nats": err.abs().max().item(),
             "mae_nats_normal_prior": err_normal_prior.abs().mean().item(),
-            "nfe": nfe, "seconds": seconds}
+            "nfe": nfe, "wall_s": wall}
 
 
-def run(args) -> dict:
-    cfg, preset = configure(args)
-    out = args.out
-    mix = make_mixture(cfg.components, cfg.radius)
-    gen = torch.Generator().manual_seed(args.seed)
-    truth = lambda n, seed: sample_mixture(mix, n, torch.Generator().manual_seed(seed)).numpy()
-    x0 = (torch.rand(cfg.n_samples, 2, generator=gen) * 2 - 1) * cfg.box
-    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
-    sde, gen_T = VPSDE(cfg.beta_min, cfg.beta_max), torch.Generator().manual_seed(args.seed + 1)
-    x_T = torch.randn(cfg.n_samples, 2, generator=gen_T)  # the prior p_T ~ N(0, I)
+def truth_draw(mix: Mixture, n: int, seed: int) -> np.ndarray:
+    return sample_mixture(mix, n, torch.Generator().manual_seed(seed)).numpy()
 
-    frames, titles = [], []
-    total = cfg.n_levels * cfg.T
-    keep = set(np.linspace(0, total - 1, cfg.gif_frames).round().astype(int).tolist())
 
-    def record(i, t, x):
-        if i * cfg.T + t in keep:
-            frames.append(x[:1000].numpy().copy())
-            titles.append(f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = {sigmas[i]:.3g}")
-
-    samplers = make_samplers(cfg, mix, x0, sigmas, gen, record, sde, x_T, gen_T)
-    t_start = time.perf_counter()
-    results, samples = {}, {}
-    for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
-        t0 = time.perf_counter()
-        samples[name], extras = sample_fn()
-        common.check_finite(samples[name], None, f"a sample of {name}",
-                            "try a smaller --step or --eps")
-        seconds = time.perf_counter() - t0
-        steps_per_s = (n_steps or extras["nfe"]) / seconds
-        results[name] = {**extras, "seconds": seconds, "steps_per_s": steps_per_s}
-    t_eval = time.perf_counter()
-    reports = distance_reports({name: x.numpy() for name, x in samples.items()}, truth, seed=args.seed)
+def evaluate(cfg: Config, mix: Mixture, samples: dict, timings: dict, seed: int) -> dict:
+    """Per sampler: sliced Wasserstein and MMD to fresh draws beside the real-vs-real floor, the
+    recovered weights and the within-mode spread; then the error of the ODE's log-likelihood."""
+    t0 = time.perf_counter()
+    truth = lambda n, s: truth_draw(mix, n, s)
+    reports = distance_reports({k: x.numpy() for k, x in samples.items()}, truth, seed=seed)
+    true_w = mix.weights.numpy()
+    results = {}
     for name, x in samples.items():
         w = recovered_weights(x, mix)
-        results[name].update(reports[name], weights=w.tolist(),
-                             weight_error=float(np.abs(w - mix.weights.numpy()).max()),
-                             spread_ratio=spread_ratio(x, mix))
-        print(f"{name:24s} sliced W2 {results[name]['swd']:.3f} (floor {results[name]['swd_floor']:.3f})  weights "
-              f"{np.round(w, 3).tolist()} (true {np.round(mix.weights.double().numpy(), 3).tolist()})  "
-              f"mode width x{results[name]['spread_ratio']:.3f}")
-    held_out = torch.from_numpy(truth(cfg.likelihood_points, args.seed + 9))
-    likelihood = likelihood_report(cfg, mix, sde, held_out)
+        r = results[name] = {**timings[name], **reports[name], "weights": w.tolist(),
+                             "weight_error": float(np.abs(w - true_w).max()),
+                             "spread_ratio": spread_ratio(x, mix)}
+        print(f"{name:24s} sliced W2 {r['swd']:.3f} (floor {r['swd_floor']:.3f})  weights "
+              f"{np.round(w, 3).tolist()} (true {np.round(true_w.astype(float), 3).tolist()})  "
+              f"mode width x{r['spread_ratio']:.3f}")
+    held_out = torch.from_numpy(truth(cfg.likelihood_points, seed + 9))
+    likelihood = likelihood_report(cfg, mix, VPSDE(cfg.beta_min, cfg.beta_max), held_out)
     print(f"ODE log-likelihood of {likelihood['n']} mixture draws: mean |error| "
           f"{likelihood['mae_nats']:.2e} nats with the exact p_T, "
           f"{likelihood['mae_nats_normal_prior']:.2e} with the prior N(0, I)")
-    reference = truth(cfg.n_samples, args.seed + 7)
-    metrics = {
-        "preset": preset,
-        "true_weights": mix.weights.tolist(),
-        "weights_of_true_samples": recovered_weights(torch.from_numpy(reference), mix).tolist(),
-        "samplers": results,
-        "ode_likelihood": likelihood,
-        "sampling_s": t_eval - t_start,
-        "evaluation_s": time.perf_counter() - t_eval,
-    }
-    torch.save({k: v.clone() for k, v in samples.items()}, out / "samples.pt")
-    write_figures(cfg, mix, sde, samples, results, reference, frames, titles, x_T, out)
-    metrics["wall_time_s"] = time.perf_counter() - t_start
-    common.write_json(out / "metrics.json", metrics)
-    return metrics
+    reference = torch.from_numpy(truth(cfg.n_samples, seed + 7))
+    return {"true_weights": mix.weights.tolist(),
+            "weights_of_true_samples": recovered_weights(reference, mix).tolist(),
+            "samplers": results, "ode_likelihood": likelihood,
+            "sampling_s": sum(t["wall_s"] for t in timings.values()),
+            "evaluation_s": time.perf_counter() - t0}
 
 
-def write_figures(cfg, mix, sde, samples, results, reference, frames, titles, x_T, out) -> None:
-    lim = cfg.box
-    shown = min(cfg.n_samples, 2000)  # fewer points, so that the density of each mode shows
-    panels = {f"{k}\nweights {np.round(results[k]['weights'], 2).tolist()}": v[:shown].numpy()
+# -- figures ---------------------------------------------------------------------------------
+
+
+def figures(cfg: Config, mix: Mixture, samples: dict, metrics: dict, frames: list, seed: int,
+            out) -> None:
+    lim, shown = cfg.box, min(cfg.n_samples, 2000)  # fewer points: the density of each mode shows
+    reference = truth_draw(mix, cfg.n_samples, seed + 7)
+    found = {k: np.asarray(v["weights"]) for k, v in metrics["samplers"].items()}
+    panels = {f"{k}\nweights {np.round(found[k], 2).tolist()}": v[:shown].numpy()
               for k, v in samples.items()}
-    common.scatter_2d({f"ground truth\nweights {np.round(mix.weights.double().numpy(), 2).tolist()}": reference[:shown],
-                       **panels}, reference[:shown], out / "samples.png", lim=lim)
+    truth_title = f"ground truth\nweights {np.round(mix.weights.double().numpy(), 2).tolist()}"
+    common.scatter_2d({truth_title: reference[:shown], **panels}, reference[:shown],
+                      out / "samples.png", lim=lim)
     plot_score_field(mix, [0.0, 1.0, 3.0], out / "score_field.png", lim)
-    plot_weights(mix.weights.numpy(), {k: np.asarray(v["weights"]) for k, v in results.items()}, out / "weights.png")
-    common.gif_points(out / "annealed_langevin.gif", frames, titles, truth=reference[:1000], lim=lim)
+    plot_weights(mix.weights.numpy(), found, out / "weights.png")
+    titles, points = zip(*frames)
+    common.gif_points(out / "annealed_langevin.gif", points, titles, truth=reference[:1000],
+                      lim=lim)
+    sde = VPSDE(cfg.beta_min, cfg.beta_max)
     score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
+    x_T = starting_points(cfg, seed)[2][:cfg.trajectories]
     paths = {"sde": [], "ode": []}
-    gen = torch.Generator().manual_seed(0)
-    x_T = x_T[:cfg.trajectories]
-    sample_sde(score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, gen,
+    sample_sde(score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, torch.Generator().manual_seed(0),
                record=lambda t, x: paths["sde"].append((t, x.numpy().copy())))
     sample_ode(score_t, sde, x_T, cfg.sde_eps, cfg.ode_tol, cfg.ode_tol,
                record=lambda t, x: paths["ode"].append((t, x.numpy().copy())))
     plot_trajectories(mix, sde, paths, out / "sde_ode_trajectories.png", lim)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def one_thread():
+    """A few thousand 2-D points: one thread is fastest (and kind to a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def configure(args) -> tuple:
+    """The preset with the flags given on top (common.run_config); writes config.json. Nothing is
+    trained here, so there is no checkpoint: --resume is refused, --sample-only changes nothing."""
+    if args.resume:
+        raise common.UserError("this script trains nothing, so there is nothing to --resume; "
+                               "run it without")
+    out = common.prepare_out(args.out)
+    device = common.get_device(args.device)
+    if device.type != "cpu":
+        print(f"2-D chains of a few thousand points are fastest on the CPU; ignoring --device "
+              f"{device}")
+    args.sample_only = False  # sampling is all this script does: there is no checkpoint to load
+    preset, cfg, _ = common.run_config(args, Config, PRESETS, STEM, FREE, device)
+    common.seed_everything(args.seed)
+    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
+    return cfg, preset, out
+
+
+def main(argv=None) -> dict:
+    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM)
+    cfg, preset, out = configure(args)
+    t0 = time.perf_counter()
+    with one_thread():
+        mix = make_mixture(cfg.components, cfg.radius)
+        samples, timings, frames = run_samplers(cfg, mix, args.seed)
+        torch.save({k: v.clone() for k, v in samples.items()}, out / "samples.pt")
+        metrics = {"preset": preset, **evaluate(cfg, mix, samples, timings, args.seed)}
+        figures(cfg, mix, samples, metrics, frames, args.seed, out)
+    metrics["wall_s_total"] = time.perf_counter() - t0
+    common.write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 if __name__ == "__main__":

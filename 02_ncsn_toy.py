@@ -18,21 +18,24 @@ and shift (gamma_i, beta_i) after each hidden layer. From NCSNv2 (arXiv:2006.090
 we also divide the output by sigma_i, so that sigma_i s_theta -- what Eq. 6 with sigma^2
 weighting asks the network for -- is of unit size at every level.
 
-    python 02_ncsn_toy.py                          # the mixture, --preset cpu, ~50 s on a CPU
+    python 02_ncsn_toy.py                          # the mixture, --preset cpu, ~2.5 min on a CPU
     python 02_ncsn_toy.py --dataset swissroll      # or checkerboard; --loss ssm
 
 Writes to runs/02_ncsn_toy/: config.json, ckpt.pt, loss.png, metrics.json, samples.pt,
 samples.png (samples over the data), noise_levels.png (the data at several sigma_i),
 score_field.png (learned score, and for the mixture the exact one beside it),
 score_error.png (mixture: the score error per sigma_i), annealed_langevin.gif.
+`--resume` continues an interrupted run to its own step count, `--resume --steps N` extends it
+(the learning rate is constant, so the extension simply goes on), `--sample-only` samples again.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -41,60 +44,59 @@ from tqdm import tqdm
 
 import common
 
-# -- config: presets + argparse -----------------------------------------------------------------
+# -- config ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Config:
-    dataset: str = "mixture"
-    loss: str = "dsm"  # dsm: Eq. 5-6 (the paper's); ssm: sliced score matching, Eq. 3 on q_sigma
-    # noise levels: geometric sigma_1 > ... > sigma_L. Paper (images in [0, 1]): 1 -> 0.01, L = 10.
-    # sigma_1 ~ the largest distance in the data (NCSNv2, technique 1). Our data span ~12 units
-    # and its finest detail is ~0.3 wide, so sigma_L = 0.05 already gives q_sigma_L ~ p.
-    sigma_1: float = 10.0
-    sigma_L: float = 0.05
-    n_levels: int = 50  # L; paper 10. Ten levels over 2-3 decades quench rather than anneal:
-    # the mixture weights come out ~0.03 off even with the exact score (see 01)
+    dataset: Literal["mixture", "swissroll", "checkerboard"] = "mixture"  # 2-D data to learn
+    loss: Literal["dsm", "ssm"] = "dsm"  # dsm: Eq. 5-6 (the paper's); ssm: Eq. 3 on q_sigma
+    # noise levels: geometric sigma_1 > ... > sigma_L. The paper's 1 and 0.01 are for images in
+    # [0, 1]. Here sigma_1 ~ the largest distance in the data (NCSNv2, technique 1); our data
+    # span ~12 units and their finest detail is ~0.3 wide, so sigma_L = 0.05 gives q_sigma_L ~ p.
+    sigma_1: float = 10.0  # largest noise level (paper 1, for images in [0, 1])
+    sigma_L: float = 0.05  # smallest noise level (paper 0.01, for images in [0, 1])
+    n_levels: int = 10  # L, the number of noise levels (the paper's)
     # annealed Langevin, Algorithm 1: T steps per level, alpha_i = eps sigma_i^2 / sigma_L^2
-    T: int = 100  # paper 100
-    eps: float = 5e-4  # paper 2e-5 with sigma_L = 0.01; both give alpha_i / sigma_i^2 = 0.2
+    T: int = 100  # annealed Langevin steps per noise level (the paper's)
+    eps: float = 5e-4  # alpha_i = eps sigma_i^2 / sigma_L^2 (paper 2e-5 at sigma_L 0.01: same 0.2)
     box: float = 8.0  # the chains start uniform on [-box, box]^2
-    # network and training
-    width: int = 96  # 64 biases the weights toward the heavy mode (~0.03, measured over 3 seeds)
+    # network (the paper's is a RefineNet) and training
+    width: int = 96  # hidden units; 64 biases the weights toward the heavy mode (~0.03, 3 seeds)
     depth: int = 3  # hidden layers
-    n_iters: int = 4000
-    batch_size: int = 512
-    lr: float = 2e-3  # paper 1e-3 (Adam); a small MLP takes more
-    ema_decay: float = 0.999  # NCSNv2 (technique 5); NCSN had none
+    steps: int = 200_000  # training steps (the paper's); with --resume: extend the run to this
+    batch_size: int = 128  # fresh data points per step (the paper's)
+    lr: float = 1e-3  # Adam's learning rate, constant (the paper's)
+    ema_decay: float = 0.999  # EMA of the weights for sampling: NCSNv2, technique 5 (NCSN: none)
     n_samples: int = 2000  # particles sampled and compared with the data
-    gif_frames: int = 20
+    gif_frames: int = 20  # frames of annealed_langevin.gif
+
+    def __post_init__(self):
+        for name in ("sigma_L", "n_levels", "T", "eps", "width", "depth", "batch_size", "lr",
+                     "n_samples"):
+            if getattr(self, name) <= 0:
+                raise common.UserError(f"--{name.replace('_', '-')} must be > 0")
+        if not self.sigma_L < self.sigma_1:
+            raise common.UserError(f"--sigma-L {self.sigma_L} must be below --sigma-1")
+        if not self.ema_decay < 1:
+            raise common.UserError(f"--ema-decay {self.ema_decay} must be below 1")
 
 
+# A small MLP on 2-D data takes more steps at a larger batch and lr than the paper's RefineNet
+# (200k steps at batch 128, lr 1e-3), and the paper's L = 10 levels over 2-3 decades quench
+# rather than anneal: the mixture weights come out ~0.03 off even with the exact score (see 01).
 PRESETS = {
-    "smoke": Config(n_iters=1200, n_levels=30, T=40, n_samples=1000, width=64, gif_frames=4),
-    "cpu": Config(),
-    "gpu": Config(n_iters=20000, n_levels=100, n_samples=10000, width=256),
+    "smoke": {"steps": 1200, "batch_size": 512, "lr": 2e-3, "n_levels": 30, "T": 40,
+              "n_samples": 1000, "width": 64, "gif_frames": 4},
+    "cpu": {"steps": 4000, "batch_size": 512, "lr": 2e-3, "n_levels": 50},
+    "gpu": {"steps": 20_000, "batch_size": 512, "lr": 2e-3, "n_levels": 100, "n_samples": 10_000,
+            "width": 256},
 }
-DATASETS = ("mixture", "swissroll", "checkerboard")
+FREE = ("T", "eps", "box", "n_samples", "gif_frames")  # sampling: a resumed run may change them
 STEM = "02_ncsn_toy"
-FIXED = ("dataset", "loss", "n_levels", "lr")  # a resumed run keeps these; --n-iters may extend it
 
 
-def parse_args(argv):
-    parser = common.base_parser(__doc__, STEM)
-    parser.add_argument("--dataset", choices=DATASETS, help="2-D data to learn (default: mixture)")
-    parser.add_argument("--loss", choices=["dsm", "ssm"], help="denoising (default) or sliced score matching")
-    parser.add_argument("--n-iters", type=common.positive_int,
-                        help="training steps (with --resume: extend the run to this many; "
-                        "the lr is constant)")
-    parser.add_argument("--n-levels", type=common.positive_int, help="number of noise levels L")
-    parser.add_argument("--T", type=common.positive_int, help="annealed Langevin steps per noise level")
-    parser.add_argument("--n-samples", type=common.positive_int, help="particles to sample")
-    parser.add_argument("--lr", type=common.positive_float, help="Adam learning rate")
-    return parser.parse_args(argv)
-
-
-# -- data: the Gaussian mixture of 01 (with its exact noisy scores), Swiss roll, checkerboard -----
+# -- data: the Gaussian mixture of 01 (with its exact noisy scores), Swiss roll, checkerboard ----
 
 
 class Mixture(NamedTuple):
@@ -110,7 +112,8 @@ def make_mixture(k: int = 3, radius: float = 5.0) -> Mixture:
     means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
     weights = 0.5 ** torch.arange(k, dtype=torch.float64)
     turn = angles + math.pi / 2
-    rot = torch.stack([torch.stack([turn.cos(), -turn.sin()], -1), torch.stack([turn.sin(), turn.cos()], -1)], -2)
+    rot = torch.stack([torch.stack([turn.cos(), -turn.sin()], -1),
+                       torch.stack([turn.sin(), turn.cos()], -1)], -2)
     covs = rot @ torch.diag(torch.tensor([1.0, 0.09], dtype=torch.float64)) @ rot.transpose(-1, -2)
     return Mixture((weights / weights.sum()).float(), means.float(), covs.float())
 
@@ -121,12 +124,12 @@ MIXTURE = make_mixture()
 def noisy_components(x: torch.Tensor, mix: Mixture, sigma: float = 0.0):
     """q_sigma = p * N(0, sigma^2 I) is the mixture with covariances C_k = Sigma_k + sigma^2 I.
     Returns log w_k + log N(x; mu_k, C_k), shape (K, N), and C_k^-1 (x - mu_k), shape (K, N, 2)."""
-    cov = mix.covs + sigma**2 * torch.eye(2, dtype=mix.covs.dtype)
+    cov = mix.covs + sigma**2 * torch.eye(2, dtype=mix.covs.dtype, device=mix.covs.device)
     diff = x[None] - mix.means[:, None]
     prec_diff = diff @ torch.linalg.inv(cov)
     maha = (prec_diff * diff).sum(-1)
-    log_comp = mix.weights.log()[:, None] - 0.5 * maha - 0.5 * torch.logdet(cov)[:, None] - math.log(2 * math.pi)
-    return log_comp, prec_diff
+    log_comp = mix.weights.log()[:, None] - 0.5 * maha - 0.5 * torch.logdet(cov)[:, None]
+    return log_comp - math.log(2 * math.pi), prec_diff
 
 
 def mixture_log_prob(x: torch.Tensor, mix: Mixture, sigma: float = 0.0) -> torch.Tensor:
@@ -145,19 +148,21 @@ def sample_data(name: str, n: int, generator: torch.Generator | None = None) -> 
     if name == "mixture":
         mix = MIXTURE
         k = torch.multinomial(mix.weights, n, replacement=True, generator=g)
-        return mix.means[k] + (torch.linalg.cholesky(mix.covs)[k] @ torch.randn(n, 2, 1, generator=g))[:, :, 0]
+        z = torch.randn(n, 2, 1, generator=g)
+        return mix.means[k] + (torch.linalg.cholesky(mix.covs)[k] @ z)[:, :, 0]
     if name == "swissroll":  # the usual t (cos t, sin t), t in [1.5 pi, 4.5 pi], scaled by 0.4
         t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
-        return 0.4 * torch.stack([t * t.cos(), t * t.sin()], 1) + 0.15 * torch.randn(n, 2, generator=g)
+        noise = 0.15 * torch.randn(n, 2, generator=g)
+        return 0.4 * torch.stack([t * t.cos(), t * t.sin()], 1) + noise
     if name == "checkerboard":  # 8 squares of side 2 on alternate cells of a 4 x 4 board
         x1 = 8 * torch.rand(n, generator=g) - 4
         x2 = 2 * torch.rand(n, generator=g) - 4 + 4 * torch.randint(0, 2, (n,), generator=g)
         x2 = x2 + 2 * ((x1 + 4).div(2, rounding_mode="floor") % 2)
         return torch.stack([x1, x2], 1)
-    raise common.UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    raise ValueError(f"unknown dataset {name!r}; choose mixture, swissroll or checkerboard")
 
 
-# -- the method: noise levels, the two losses, annealed Langevin (Algorithm 1) -------------------
+# -- the method: noise levels, the two losses, annealed Langevin (Algorithm 1) -----------------
 
 
 def geometric_sigmas(sigma_1: float, sigma_L: float, n_levels: int) -> torch.Tensor:
@@ -186,10 +191,11 @@ def ssm_loss(score_fn, x: torch.Tensor, sigmas: torch.Tensor, idx: torch.Tensor)
 
 
 @torch.no_grad()
-def annealed_langevin(score_fn, x: torch.Tensor, sigmas: torch.Tensor, eps: float, T: int, record=None):
+def annealed_langevin(score_fn, x: torch.Tensor, sigmas: torch.Tensor, eps: float, T: int,
+                      record=None) -> torch.Tensor:
     """Annealed Langevin dynamics (Algorithm 1): for i = 1..L, alpha_i = eps sigma_i^2 / sigma_L^2,
-    then T times x <- x + (alpha_i / 2) s(x, sigma_i) + sqrt(alpha_i) z. record(i, t, x) sees
-    every step."""
+    then T times x <- x + (alpha_i / 2) s(x, sigma_i) + sqrt(alpha_i) z. score_fn(x, i) is the
+    score at level i; record(i, t, x), if given, sees the points after step t of level i."""
     for i in range(len(sigmas)):
         alpha = eps * (sigmas[i] / sigmas[-1]).item() ** 2
         idx = torch.full((len(x),), i, dtype=torch.long, device=x.device)
@@ -200,7 +206,7 @@ def annealed_langevin(score_fn, x: torch.Tensor, sigmas: torch.Tensor, eps: floa
     return x
 
 
-# -- model ------------------------------------------------------------------------------------------
+# -- model -------------------------------------------------------------------------------------
 
 
 class ScoreMLP(nn.Module):
@@ -211,7 +217,8 @@ class ScoreMLP(nn.Module):
     def __init__(self, sigmas: torch.Tensor, width: int = 128, depth: int = 3):
         super().__init__()
         self.register_buffer("sigmas", sigmas.clone())
-        self.layers = nn.ModuleList([nn.Linear(2 if j == 0 else width, width) for j in range(depth)])
+        self.layers = nn.ModuleList([nn.Linear(2 if j == 0 else width, width)
+                                     for j in range(depth)])
         self.gamma = nn.Parameter(torch.ones(depth, len(sigmas), width))
         self.beta = nn.Parameter(torch.zeros(depth, len(sigmas), width))
         self.head = nn.Linear(width, 2)
@@ -223,21 +230,31 @@ class ScoreMLP(nn.Module):
         return self.head(h) / self.sigmas[idx][:, None]
 
 
-# -- training loop ----------------------------------------------------------------------------------
+def build_model(cfg: Config, device: torch.device) -> tuple:
+    """s_theta at the L noise levels, its EMA and Adam (the paper's optimiser)."""
+    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
+    model = ScoreMLP(sigmas, cfg.width, cfg.depth).to(device)
+    ema = common.make_ema(model, cfg.ema_decay)
+    return model, ema, torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
-def train(model, ema, opt, cfg: Config, step: int, losses: list, device, ckpt) -> int:
-    """Adam on the loss; the checkpointer checks every loss and saves verified steps."""
+# -- training ----------------------------------------------------------------------------------
+
+
+def train(model, ema, opt, cfg: Config, start: int, losses: list, device, ckpt) -> int:
+    """Adam on the loss, fresh data every step, from `start` to cfg.steps; the learning rate is
+    constant, so a run extended by --resume --steps N simply goes on. The checkpointer checks
+    every loss and saves verified steps."""
     loss_fn = dsm_loss if cfg.loss == "dsm" else ssm_loss
-    bar = tqdm(total=cfg.n_iters, desc="train", initial=step, mininterval=1.0)
+    bar = tqdm(total=cfg.steps, desc="train", initial=start, mininterval=1.0)
     with ckpt:
-        for step in range(step, cfg.n_iters + 1):
+        for step in range(start, cfg.steps + 1):
             ckpt.begin(step)
             x = sample_data(cfg.dataset, cfg.batch_size).to(device)
             idx = torch.randint(0, len(model.sigmas), (cfg.batch_size,), device=device)
             loss = loss_fn(model, x, model.sigmas, idx)
-            ckpt.verified(loss, step, last=step == cfg.n_iters)
-            if step == cfg.n_iters:
+            ckpt.verified(loss, step, last=step == cfg.steps)
+            if step == cfg.steps:
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -251,7 +268,38 @@ def train(model, ema, opt, cfg: Config, step: int, losses: list, device, ckpt) -
     return step
 
 
-# -- evaluation and figures -------------------------------------------------------------------------
+def restore(ckpt: dict | None, model, ema, opt, path) -> tuple[int, list]:
+    """A checkpoint's weights into model, EMA and optimizer, and its RNG state; returns its step
+    and losses (0 and [] for a new run)."""
+    if ckpt is None:
+        return 0, []
+    for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+        common.load_state(obj, ckpt[key], path)
+    common.set_rng_state(ckpt["rng_state"])
+    return ckpt["step"], ckpt["losses"].tolist()
+
+
+def checkpoint_writer(path, model, ema, opt, cfg: Config, preset: str, seed: int, losses: list):
+    """save(step, rng) for common.Checkpointer: all that --resume needs to go on bit for bit."""
+
+    def save(step: int, rng: dict) -> None:
+        common.save_checkpoint(path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": step, "config": asdict(cfg), "preset": preset, "seed": seed,
+            "losses": torch.tensor(losses[:step]), "rng_state": rng}, STEM)
+
+    return save
+
+
+def train_report(losses: list, step: int, first: int, wall: float) -> dict:
+    final = float(np.mean(losses[-100:])) if losses else None
+    if step > first:
+        print(f"trained {step - first} steps in {wall:.1f} s, final loss {final:.4f}")
+    return {"steps": step, "steps_this_run": step - first, "wall_s": wall,
+            "steps_per_s": (step - first) / wall if step > first else None, "final_loss": final}
+
+
+# -- evaluation --------------------------------------------------------------------------------
 
 
 def recovered_weights(x: torch.Tensor, mix: Mixture) -> np.ndarray:
@@ -262,7 +310,8 @@ def recovered_weights(x: torch.Tensor, mix: Mixture) -> np.ndarray:
 
 @torch.no_grad()
 def score_errors(score_fn, sigmas: torch.Tensor, mix: Mixture, n: int, device) -> dict:
-    """Per sigma_i, on x ~ q_sigma_i: E|s_theta - grad log q_sigma|^2 and that divided by E|grad log q_sigma|^2."""
+    """Per sigma_i, on x ~ q_sigma_i: E|s_theta - grad log q_sigma|^2, and that divided by
+    E|grad log q_sigma|^2."""
     gen = torch.Generator().manual_seed(123)
     mse, rel = [], []
     for i, sigma in enumerate(sigmas.tolist()):
@@ -274,10 +323,62 @@ def score_errors(score_fn, sigmas: torch.Tensor, mix: Mixture, n: int, device) -
     return {"sigmas": sigmas.tolist(), "mse": mse, "relative_mse": rel}
 
 
+def sample(net, cfg: Config, sigmas: torch.Tensor, device) -> tuple[torch.Tensor, dict, list]:
+    """Annealed Langevin from uniform noise on [-box, box]^2, with a progress bar and the GIF's
+    frames (title, points) through its record callback. Returns the samples, timing, frames."""
+    total, frames = cfg.n_levels * cfg.T, []
+    keep = set(np.linspace(0, total - 1, cfg.gif_frames).round().astype(int).tolist())
+    bar = tqdm(total=total, desc="annealed Langevin", mininterval=1.0)
+
+    def record(i, t, x):
+        bar.update(1)
+        if i * cfg.T + t in keep:
+            title = f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = {sigmas[i]:.3g}"
+            frames.append((title, x[:1000].cpu().numpy().copy()))
+
+    t0 = time.perf_counter()
+    x0 = ((torch.rand(cfg.n_samples, 2) * 2 - 1) * cfg.box).to(device)
+    samples = annealed_langevin(net, x0, sigmas.to(device), cfg.eps, cfg.T, record).cpu()
+    bar.close()
+    wall = time.perf_counter() - t0
+    return samples, {"n": cfg.n_samples, "wall_s": wall, "samples_per_s": cfg.n_samples / wall,
+                     "steps_per_s": total / wall}, frames
+
+
+def evaluate(net, cfg: Config, step: int, seed: int, device) -> tuple[dict, torch.Tensor, list]:
+    """Samples with the EMA network and their distances to fresh data beside the real-vs-real
+    floor; on the mixture also the recovered weights and the score error at every sigma_i."""
+    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
+    samples, report, frames = sample(net, cfg, sigmas, device)
+    common.check_finite(samples, step, "a sample", "try a smaller --eps")
+    truth = lambda n, s: sample_data(cfg.dataset, n, torch.Generator().manual_seed(s)).numpy()
+    report.update(common.distance_report(samples.numpy(), truth, seed=seed))
+    report["swd_over_floor"] = report["swd"] / report["swd_floor"]
+    metrics = {"samplers": {"annealed Langevin": report}}
+    line = (f"sliced W2 {report['swd']:.3f} (floor {report['swd_floor']:.3f}, "
+            f"x{report['swd_over_floor']:.2f}), MMD {report['mmd']:.4f} "
+            f"(floor {report['mmd_floor']:.4f})")
+    if cfg.dataset == "mixture":
+        w, true_w = recovered_weights(samples, MIXTURE), MIXTURE.weights.numpy()
+        report.update(weights=w.tolist(), weight_error=float(np.abs(w - true_w).max()))
+        errors = score_errors(net, sigmas, MIXTURE, 2000, device)
+        metrics.update(true_weights=MIXTURE.weights.tolist(), score_error=errors,
+                       max_relative_score_error=max(errors["relative_mse"]))
+        line += (f", weights {np.round(w, 3).tolist()} (true "
+                 f"{np.round(true_w.astype(float), 3).tolist()}), relative score error <= "
+                 f"{metrics['max_relative_score_error']:.3f}")
+    print(line)
+    return metrics, samples, frames
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+
 def plot_noise_levels(data: np.ndarray, sigmas: torch.Tensor, path, lim: float) -> None:
     show = np.unique(np.linspace(0, len(sigmas) - 1, 6).round().astype(int))[::-1]
     rng = np.random.default_rng(0)
-    panels = {f"sigma_{i + 1} = {sigmas[i]:.3g}": data + sigmas[i].item() * rng.normal(size=data.shape) for i in show}
+    panels = {f"sigma_{i + 1} = {sigmas[i]:.3g}":
+              data + sigmas[i].item() * rng.normal(size=data.shape) for i in show}
     common.scatter_2d(panels, None, path, lim=lim)
 
 
@@ -290,14 +391,17 @@ def plot_score_fields(score_fn, sigmas, mix: Mixture | None, path, lim: float, d
     q = torch.linspace(-lim, lim, 17)
     grid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)
     for col, i in enumerate(show):
-        fields = {"learned": score_fn(grid.to(device), torch.full((len(grid),), i, device=device)).cpu()}
+        level = torch.full((len(grid),), i, device=device)
+        fields = {"learned": score_fn(grid.to(device), level).cpu()}
         if mix is not None:
             fields["exact"] = mixture_score(grid, mix, sigmas[i].item())
         for row, (name, s) in enumerate(fields.items()):
-            s = sigmas[i] * s  # sigma_i s: of unit size at every level (arrow length ~ sqrt, capped at 1)
-            s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-8) * s.norm(dim=1, keepdim=True).clamp_max(1).sqrt()
+            s = sigmas[i] * s  # sigma_i s: of unit size at every level
+            norm = s.norm(dim=1, keepdim=True)
+            s = s / norm.clamp_min(1e-8) * norm.clamp_max(1).sqrt()  # length ~ sqrt, capped at 1
             ax = axes[row, col]
-            ax.quiver(grid[:, 0], grid[:, 1], s[:, 0], s[:, 1], color="C3" if name == "exact" else "C0", scale=25)
+            ax.quiver(grid[:, 0], grid[:, 1], s[:, 0], s[:, 1],
+                      color="C3" if name == "exact" else "C0", scale=25)
             ax.set_title(f"{name}: sigma_i x score, sigma_{i + 1} = {sigmas[i]:.3g}", fontsize=9)
             ax.set_aspect("equal")
     fig.tight_layout()
@@ -309,124 +413,73 @@ def plot_score_error(errors: dict, path) -> None:
     plt = common._plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.semilogx(errors["sigmas"], errors["relative_mse"], "o-", ms=3)
-    ax.set(xlabel="sigma_i", ylabel="E|s_theta - s|^2 / E|s|^2", title="learned vs exact score, per noise level")
+    ax.set(xlabel="sigma_i", ylabel="E|s_theta - s|^2 / E|s|^2",
+           title="learned vs exact score, per noise level")
     ax.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def figures(net, cfg: Config, samples: torch.Tensor, metrics: dict, frames: list, losses: list,
+            seed: int, out, device) -> None:
+    lim = 8.0
+    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
+    if losses:
+        common.plot_loss(losses, out / "loss.png", title=f"{cfg.loss} loss (Eq. 6), {cfg.dataset}")
+    data = sample_data(cfg.dataset, cfg.n_samples, torch.Generator().manual_seed(seed + 7)).numpy()
+    common.scatter_2d({"data": data, f"NCSN samples ({cfg.loss}), annealed Langevin":
+                       samples.numpy()}, data, out / "samples.png", lim=lim)
+    plot_noise_levels(data, sigmas, out / "noise_levels.png", lim)
+    mix = MIXTURE if cfg.dataset == "mixture" else None
+    plot_score_fields(net, sigmas, mix, out / "score_field.png", lim, device)
+    if mix is not None:
+        plot_score_error(metrics["score_error"], out / "score_error.png")
+    if frames:
+        titles, points = zip(*frames)
+        common.gif_points(out / "annealed_langevin.gif", points, titles, truth=data[:1000],
+                          lim=lim)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def one_thread():
+    """A small MLP on 2-D points: one thread is fastest (and kind to a shared CPU)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small MLP on 2-D points: one thread is fastest (and kind to a shared CPU)
+    torch.set_num_threads(1)
     try:
-        return run(args)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def prepare(args) -> tuple:
-    """Device, output folder, preset and config; for --resume and --sample-only the checkpoint's."""
-    device = common.get_device(args.device)
+def main(argv=None) -> dict:
+    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM)
     out = common.prepare_out(args.out)
-    flags = {"dataset": args.dataset, "loss": args.loss, "n_iters": args.n_iters, "n_levels": args.n_levels,
-             "T": args.T, "n_samples": args.n_samples, "lr": args.lr}
-    if not (args.resume or args.sample_only):
-        args.seed = 0 if args.seed is None else args.seed
-        preset = common.resolve_preset(args.preset, device)
-        cfg = replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
-        return device, out, preset, cfg, None
-    ckpt = common.load_checkpoint(out / "ckpt.pt", STEM)
-    saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
-    fixed = FIXED + ("preset", "seed") if args.resume else FIXED + ("preset",)
-    given = {**flags, "preset": args.preset, "seed": args.seed}
-    cfg = common.resume_config(saved, given, fixed, ckpt["step"], out / "ckpt.pt",
-                               steps_key="n_iters", extend=args.resume)
-    args.seed = cfg.pop("seed")
-    return device, out, cfg.pop("preset"), Config(**cfg), ckpt
-
-
-def run(args) -> dict:
-    device, out, preset, cfg, ckpt = prepare(args)
-    ckpt_path = out / "ckpt.pt"
+    device = common.get_device(args.device)
+    preset, cfg, ckpt = common.run_config(args, Config, PRESETS, STEM, FREE, device)
     common.seed_everything(args.seed)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
-
-    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
-    model = ScoreMLP(sigmas, cfg.width, cfg.depth).to(device)
-    ema = common.make_ema(model, cfg.ema_decay)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, losses = 0, []
-    if ckpt is not None:
-        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-            common.load_state(obj, ckpt[key], ckpt_path)
-        step, losses = ckpt["step"], ckpt["losses"].tolist()
-        common.set_rng_state(ckpt["rng_state"])
-
-    def save(at_step: int, rng: dict) -> None:
-        common.save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": at_step, "config": asdict(cfg), "preset": preset, "seed": args.seed,
-            "losses": torch.tensor(losses[:at_step]), "rng_state": rng}, STEM)
-
-    t0, step0 = time.perf_counter(), step
-    if not args.sample_only and step < cfg.n_iters:
-        checkpointer = common.Checkpointer(save, 1000, ckpt_path)
-        step = train(model, ema, opt, cfg, step, losses, device, checkpointer)
-        print(f"trained {step - step0} steps in {time.perf_counter() - t0:.1f} s, "
-              f"final loss {np.mean(losses[-200:]):.4f}")
-    train_s = time.perf_counter() - t0
-    if losses:
-        common.plot_loss(losses, out / "loss.png", title=f"{cfg.loss} loss (Eq. 6), {cfg.dataset}")
-
-    # -- sampling with the EMA weights --
-    net = ema.module.eval()
-    frames, titles = [], []
-    keep = set(np.linspace(0, cfg.n_levels * cfg.T - 1, cfg.gif_frames).round().astype(int).tolist())
-
-    def record(i, t, x):
-        if i * cfg.T + t in keep:
-            frames.append(x[:1000].cpu().numpy().copy())
-            titles.append(f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = {sigmas[i]:.3g}")
-
-    t1 = time.perf_counter()
-    x0 = ((torch.rand(cfg.n_samples, 2) * 2 - 1) * cfg.box).to(device)
-    samples = annealed_langevin(net, x0, sigmas.to(device), cfg.eps, cfg.T, record).cpu()
-    common.check_finite(samples, step)
-    sample_s = time.perf_counter() - t1
-    torch.save(samples, out / "samples.pt")
-
-    truth = lambda n, seed: sample_data(cfg.dataset, n, torch.Generator().manual_seed(seed)).numpy()
-    metrics = {"dataset": cfg.dataset, "loss": cfg.loss, "preset": preset, "step": step,
-               "final_loss": float(np.mean(losses[-200:])) if losses else None,
-               **common.distance_report(samples.numpy(), truth, seed=args.seed)}
-    metrics["swd_over_floor"] = metrics["swd"] / metrics["swd_floor"]
-    mix = MIXTURE if cfg.dataset == "mixture" else None
-    if mix is not None:
-        w = recovered_weights(samples, mix)
-        metrics.update(true_weights=mix.weights.tolist(), weights=w.tolist(),
-                       weight_error=float(np.abs(w - mix.weights.numpy()).max()))
-        errors = score_errors(net, sigmas, mix, 2000, device)
-        metrics.update(score_error=errors, max_relative_score_error=max(errors["relative_mse"]))
-        plot_score_error(errors, out / "score_error.png")
-    print(f"sliced W2 {metrics['swd']:.3f} (floor {metrics['swd_floor']:.3f}, x{metrics['swd_over_floor']:.2f}), "
-          f"MMD {metrics['mmd']:.4f} (floor {metrics['mmd_floor']:.4f})"
-          + (f", weights {np.round(metrics['weights'], 3).tolist()} (true "
-             f"{np.round(mix.weights.double().numpy(), 3).tolist()}), relative score error <= "
-             f"{metrics['max_relative_score_error']:.3f}" if mix is not None else ""))
-
-    data = truth(cfg.n_samples, args.seed + 7)
-    lim = 8.0
-    common.scatter_2d({"data": data, f"NCSN samples ({cfg.loss}), annealed Langevin": samples.numpy()}, data,
-                      out / "samples.png", lim=lim)
-    plot_noise_levels(data, sigmas, out / "noise_levels.png", lim)
-    plot_score_fields(net, sigmas, mix, out / "score_field.png", lim, device)
-    if frames:
-        common.gif_points(out / "annealed_langevin.gif", frames, titles, truth=data[:1000], lim=lim)
-    metrics.update(train_s=train_s, train_steps_per_s=(step - step0) / train_s if step > step0 else None,
-                   sample_s=sample_s, sample_steps_per_s=cfg.n_levels * cfg.T / sample_s,
-                   wall_time_s=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with one_thread():
+        model, ema, opt = build_model(cfg, device)
+        step, losses = restore(ckpt, model, ema, opt, out / "ckpt.pt")
+        first = step
+        if not args.sample_only and step < cfg.steps:
+            save = checkpoint_writer(out / "ckpt.pt", model, ema, opt, cfg, preset, args.seed,
+                                     losses)
+            checkpointer = common.Checkpointer(save, 1000, out / "ckpt.pt")
+            step = train(model, ema, opt, cfg, step, losses, device, checkpointer)
+        run = train_report(losses, step, first, time.perf_counter() - t0)
+        net = common.network_fn(ema, device, bf16=False)
+        metrics, samples, frames = evaluate(net, cfg, step, args.seed, device)
+        torch.save(samples, out / "samples.pt")
+        figures(net, cfg, samples, metrics, frames, losses, args.seed, out, device)
+    metrics = {"dataset": cfg.dataset, "loss": cfg.loss, "preset": preset,
+               "params": common.count_params(model), "train": run, **metrics,
+               "wall_s_total": time.perf_counter() - t0}
     common.write_json(out / "metrics.json", metrics)
     return metrics
 

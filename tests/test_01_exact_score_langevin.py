@@ -5,6 +5,7 @@ against autograd of p_t computed by quadrature of Eq. 29's kernel, the ODE log-l
 the true log-density, SDE and ODE samples against the real-vs-real floor, and the method functions
 copied out of the file working alone."""
 
+import dataclasses
 import inspect
 import json
 import math
@@ -21,7 +22,8 @@ m = load_script("01_exact_score_langevin")
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """2-D work on a few thousand points: one thread is faster than two, much faster on a busy CPU."""
+    """2-D work on a few thousand points: one thread is faster than two, much faster on a busy
+    CPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -51,17 +53,21 @@ def test_noisy_mixture_is_normalised_and_is_the_convolution(sigma):
     grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
     mass = m.log_prob(grid, mix, sigma).exp().sum() * (g[1] - g[0]) ** 2
     assert abs(mass.item() - 1) < 1e-6
-    # q_sigma is the law of x + sigma z: same mean, covariance grown by sigma^2 I (20k draws: 1% slack)
+    # q_sigma is the law of x + sigma z: same mean, covariance grown by sigma^2 I (20k draws: 1%
+    # slack)
     gen = torch.Generator().manual_seed(0)
-    y = m.sample_mixture(mix, 20000, gen) + sigma * torch.randn(20000, 2, generator=gen, dtype=torch.float64)
+    x = m.sample_mixture(mix, 20000, gen)
+    y = x + sigma * torch.randn(20000, 2, generator=gen, dtype=torch.float64)
     mean = (mix.weights[:, None] * mix.means).sum(0)
-    cov = (mix.weights[:, None, None] * (mix.covs + torch.einsum("ki,kj->kij", mix.means, mix.means))).sum(0)
+    second = mix.covs + torch.einsum("ki,kj->kij", mix.means, mix.means)
+    cov = (mix.weights[:, None, None] * second).sum(0)
     cov = cov - torch.outer(mean, mean) + sigma**2 * torch.eye(2, dtype=torch.float64)
     torch.testing.assert_close(torch.cov(y.T), cov, rtol=0.03, atol=0.1)
 
 
 def test_langevin_bias_matches_closed_form_and_mala_removes_it():
-    # On N(0, v) the unadjusted step x' = (1 - h / 2v) x + sqrt(h) z keeps variance v / (1 - h / 4v):
+    # On N(0, v) the unadjusted step x' = (1 - h / 2v) x + sqrt(h) z keeps variance
+    # v / (1 - h / 4v):
     # with v = 0.09, h = 0.1 that is 0.1246, 38% too wide. MALA's law is exactly N(0, v).
     # 4000 chains estimate a variance to ~2.2% (one sd), hence the 8% tolerance.
     v, h = 0.09, 0.1
@@ -94,13 +100,16 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_its_outputs(smoke_run):
     out, metrics = smoke_run
-    for name in ("config.json", "metrics.json", "samples.pt", "samples.png", "score_field.png", "weights.png",
+    for name in ("config.json", "metrics.json", "samples.pt", "samples.png", "score_field.png",
+                 "weights.png",
                  "annealed_langevin.gif", "sde_ode_trajectories.png"):
         assert (out / name).stat().st_size > 0, name
     names = list(metrics["samplers"])
     assert any("SDE" in n for n in names) and any("ODE" in n for n in names)
     assert metrics["ode_likelihood"]["mae_nats"] < 0.01
-    assert json.loads((out / "metrics.json").read_text())["samplers"].keys() == metrics["samplers"].keys()
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["samplers"].keys() == metrics["samplers"].keys()
+    assert metrics["samplers"]["Langevin"]["n"] == 1000 and metrics["wall_s_total"] > 0
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples["annealed Langevin"].shape == (1000, 2)
 
@@ -123,8 +132,24 @@ def test_annealing_gets_the_weights_right_and_plain_langevin_does_not(smoke_run)
 def test_resume_is_refused_and_bad_flags_fail(tmp_path):
     with pytest.raises(common.UserError, match="nothing to --resume"):
         m.main(["--resume", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(common.UserError, match="--components must be > 0"):
         m.main(["--components", "0", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--sigma-L < --sigma-1"):
+        m.main(["--sigma-L", "20", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        m.main(["--step", "-1", "--out", str(tmp_path)])
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_presets_are_differences_from_the_papers_values():
+    # Config holds the paper's values (L = 10, T = 100, eps = 2e-5, sigma_L = 0.01, the VP SDE's
+    # beta 0.1 to 20 and N = 1000); the cpu preset differs only in L.
+    cfg = m.Config()
+    assert (cfg.n_levels, cfg.T, cfg.eps, cfg.sigma_L) == (10, 100, 2e-5, 0.01)
+    assert (cfg.beta_min, cfg.beta_max, cfg.sde_steps) == (0.1, 20.0, 1000)
+    assert m.PRESETS["cpu"] == {"n_levels": 100}
+    names = {f.name for f in dataclasses.fields(m.Config)}
+    assert all(set(p) <= names for p in m.PRESETS.values())
 
 
 # -- the VP SDE part -----------------------------------------------------------------------------
@@ -212,10 +237,11 @@ def test_reverse_sde_and_probability_flow_ode_sample_the_mixture():
 
 
 def test_method_functions_work_copied_out_alone():
-    # The VP SDE functions with the helpers they name, in a namespace holding only math, numpy,
-    # torch and scipy: no common, nothing else from the script.
+    # The samplers with the helpers they name, in a namespace holding only math, numpy, torch
+    # and scipy: no common, nothing else from the script.
     names = ["Mixture", "make_mixture", "sample_mixture", "noisy_components", "log_prob", "score",
-             "log_prob_and_score", "VPSDE", "perturbed_mixture", "reverse_drift", "sample_sde",
+             "log_prob_and_score", "langevin", "mala", "geometric_sigmas", "annealed_langevin",
+             "annealed_mala", "VPSDE", "perturbed_mixture", "reverse_drift", "sample_sde",
              "sample_ode", "exact_divergence", "ode_log_likelihood"]
     header = ("from __future__ import annotations\nimport math\nfrom dataclasses import dataclass\n"
               "from typing import NamedTuple\nimport numpy as np\nimport torch\n"
@@ -229,3 +255,17 @@ def test_method_functions_work_copied_out_alone():
     assert ns["sample_sde"](score_t, sde, x_T, 20, 1e-3).shape == x.shape
     logp = ns["ode_log_likelihood"](score_t, sde, x, 1e-3, 1e-5, 1e-5)[0]
     assert torch.isfinite(logp).all()
+    # the Langevin samplers, each with a record callback
+    seen = []
+    exact = lambda y, sigma=0.0: ns["score"](y, mix, sigma)
+    both = lambda y, sigma=0.0: ns["log_prob_and_score"](y, mix, sigma)
+    sigmas = ns["geometric_sigmas"](10.0, 0.01, 3)
+    x = ns["langevin"](x_T, exact, 0.05, 5, record=lambda t, y: seen.append(("langevin", t)))
+    x, rate = ns["mala"](x, both, 0.05, 5, record=lambda t, y: seen.append(("mala", t)))
+    x = ns["annealed_langevin"](x, exact, sigmas, 2e-5, 2,
+                                record=lambda i, t, y: seen.append(("annealed", i, t)))
+    x, rate = ns["annealed_mala"](x, both, sigmas, 2e-5, 2,
+                                  record=lambda i, t, y: seen.append(("annealed MALA", i, t)))
+    assert torch.isfinite(x).all() and x.shape == x_T.shape and 0 <= rate <= 1
+    assert seen.count(("langevin", 4)) == 1 and seen[-1] == ("annealed MALA", 2, 1)
+    assert len(seen) == 5 + 5 + 6 + 6

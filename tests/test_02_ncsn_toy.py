@@ -2,6 +2,8 @@
 the data generators, and that NCSN learns the mixture (distance, weights, score error per sigma)
 at the smoke size; --resume, --sample-only, the other datasets, --loss ssm and user errors."""
 
+import dataclasses
+import inspect
 import math
 
 import numpy as np
@@ -30,12 +32,14 @@ MIX64 = m.Mixture(*(t.double() for t in m.MIXTURE))
 def test_mixture_score_is_the_gradient_of_the_log_density(sigma):
     x = (torch.rand(256, 2, dtype=torch.float64) * 16 - 8).requires_grad_(True)
     (autograd,) = torch.autograd.grad(m.mixture_log_prob(x, MIX64, sigma).sum(), x)
-    torch.testing.assert_close(m.mixture_score(x.detach(), MIX64, sigma), autograd, rtol=1e-9, atol=1e-9)
+    exact = m.mixture_score(x.detach(), MIX64, sigma)
+    torch.testing.assert_close(exact, autograd, rtol=1e-9, atol=1e-9)
 
 
 def test_losses_at_the_exact_score_take_their_closed_form_values():
     # At s = grad log q_sigma, Stein's identity E[s . z] = sigma E[div s] = -sigma E|s|^2 gives
-    # DSM (Eq. 5, lambda = sigma^2) = (d - sigma^2 E|s|^2) / 2 and SSM (Eq. 3) = -sigma^2 E|s|^2 / 2.
+    # DSM (Eq. 5, lambda = sigma^2) = (d - sigma^2 E|s|^2) / 2 and
+    # SSM (Eq. 3) = -sigma^2 E|s|^2 / 2.
     # 40k points put both Monte Carlo estimates within ~0.01 (one sd); tolerance 0.04.
     torch.manual_seed(0)
     sigmas = torch.tensor([1.0], dtype=torch.float64)
@@ -59,7 +63,7 @@ def test_datasets_have_their_shapes():
     assert 0.4 * 1.5 * math.pi - 0.8 < radius.min() and radius.max() < 0.4 * 4.5 * math.pi + 0.8
     w = m.recovered_weights(m.sample_data("mixture", 20000, g), m.MIXTURE)
     assert np.abs(w - m.MIXTURE.weights.numpy()).max() < 0.015
-    with pytest.raises(common.UserError):
+    with pytest.raises(ValueError):
         m.sample_data("moons", 10)
 
 
@@ -75,9 +79,12 @@ def test_ncsn_learns_the_mixture(trained):
     # from 1000 points: 0.016), relative score error at the worst sigma_i 0.045-0.071 (always the
     # smallest sigmas). Bounds: the targets of the cpu run (2x floor) or ~2x the worst seed.
     out, metrics = trained
-    assert metrics["swd"] < 2.0 * metrics["swd_floor"]
-    assert metrics["weight_error"] < 0.06
+    report = metrics["samplers"]["annealed Langevin"]
+    assert report["swd"] < 2.0 * report["swd_floor"]
+    assert report["weight_error"] < 0.06
     assert max(metrics["score_error"]["relative_mse"]) < 0.15
+    assert metrics["train"]["steps"] == metrics["train"]["steps_this_run"] == 1200
+    assert report["n"] == 1000 and report["samples_per_s"] > 0 and metrics["params"] > 0
     for name in ("config.json", "ckpt.pt", "loss.png", "metrics.json", "samples.pt", "samples.png",
                  "noise_levels.png", "score_field.png", "score_error.png", "annealed_langevin.gif"):
         assert (out / name).stat().st_size > 0, name
@@ -85,22 +92,111 @@ def test_ncsn_learns_the_mixture(trained):
 
 def test_sample_only_and_resume(trained):
     out, first = trained
-    again = m.main(["--preset", "smoke", "--out", str(out), "--sample-only", "--T", "3", "--n-samples", "300"])
-    assert again["step"] == first["step"] and torch.load(out / "samples.pt").shape == (300, 2)
-    more = m.main(["--preset", "smoke", "--out", str(out), "--resume", "--n-iters", str(first["step"] + 20),
+    steps = first["train"]["steps"]
+    again = m.main(["--preset", "smoke", "--out", str(out), "--sample-only", "--T", "3",
+                    "--n-samples", "300"])
+    assert again["train"]["steps"] == steps and again["train"]["steps_this_run"] == 0
+    assert torch.load(out / "samples.pt").shape == (300, 2)
+    assert again["train"]["final_loss"] == pytest.approx(first["train"]["final_loss"])
+    more = m.main(["--preset", "smoke", "--out", str(out), "--resume", "--steps", str(steps + 20),
                    "--T", "2", "--n-samples", "200"])
-    assert more["step"] == first["step"] + 20
+    assert more["train"]["steps"] == steps + 20 and more["train"]["steps_this_run"] == 20
     ckpt = common.load_checkpoint(out / "ckpt.pt", "02_ncsn_toy")
-    assert ckpt["step"] == first["step"] + 20 and len(ckpt["losses"]) == first["step"] + 20
+    assert ckpt["step"] == steps + 20 and len(ckpt["losses"]) == steps + 20
+    assert ckpt["config"]["steps"] == steps + 20
     with pytest.raises(common.UserError, match="dataset"):
         m.main(["--preset", "smoke", "--out", str(out), "--sample-only", "--dataset", "swissroll"])
 
 
-@pytest.mark.parametrize("flags", [["--dataset", "swissroll"], ["--dataset", "checkerboard", "--loss", "ssm"]])
+def equal_states(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal_states(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_interrupted_run_resumes_to_its_own_step_count_bit_for_bit(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    base = ["--preset", "smoke", "--steps", "30", "--n-levels", "8", "--T", "2",
+            "--n-samples", "100"]
+    m.main(base + ["--out", str(tmp_path / "straight")])
+    calls = []
+
+    def sigterm_at_12(*a, **k):  # the loss of step 12 asks to stop: ckpt.pt then holds step 12
+        calls.append(1)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **k)
+
+    original = m.dsm_loss
+    with monkeypatch.context() as mp:
+        mp.setattr(m, "dsm_loss", sigterm_at_12)
+        with pytest.raises(common.Interrupted, match="SIGTERM.*step 12"):
+            m.main(base + ["--out", str(tmp_path / "cut")])
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 12
+    resumed = m.main(["--resume", "--out", str(tmp_path / "cut")])  # no other flag
+    assert resumed["train"]["steps"] == 30 and resumed["train"]["steps_this_run"] == 18
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "cut"))
+    for key in ("model", "ema", "optimizer", "losses", "rng_state", "step", "config", "seed"):
+        assert equal_states(a[key], b[key]), key
+    # a flag that would change the run is refused in one line (sampling flags are free: above)
+    for flag, value in (("--lr", "1"), ("--width", "8"), ("--n-levels", "9"), ("--seed", "4"),
+                        ("--preset", "cpu")):
+        with pytest.raises(common.UserError, match=f"drop {flag}"):
+            m.main(["--resume", "--out", str(tmp_path / "cut"), flag, value])
+
+
+def test_annealed_langevin_works_copied_out_alone():
+    # annealed_langevin with the helpers a reader would take beside it (the noise levels, the loss,
+    # the network), in a namespace holding only math, numpy and torch: no common, no globals.
+    names = ["geometric_sigmas", "dsm_loss", "ScoreMLP", "annealed_langevin"]
+    header = ("from __future__ import annotations\nimport math\nimport numpy as np\n"
+              "import torch\nimport torch.nn as nn\n\n")
+    ns = {}
+    exec(header + "\n\n".join(inspect.getsource(getattr(m, n)) for n in names), ns)
+    torch.manual_seed(0)
+    sigmas = ns["geometric_sigmas"](3.0, 0.1, 4)
+    net = ns["ScoreMLP"](sigmas, width=16, depth=2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(5):
+        x = 0.5 * torch.randn(64, 2)
+        loss = ns["dsm_loss"](net, x, sigmas, torch.randint(0, len(sigmas), (64,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seen = []
+    x = ns["annealed_langevin"](net, torch.rand(50, 2), sigmas, 2e-3, 3,
+                                record=lambda i, t, y: seen.append((i, t)))
+    assert x.shape == (50, 2) and torch.isfinite(x).all()
+    assert seen == [(i, t) for i in range(4) for t in range(3)]
+    # and on the exact score of N(0, s^2 I) the copy is the script's function, step for step
+    exact = lambda y, idx: -y / (0.25 + sigmas[idx][:, None] ** 2)
+    torch.manual_seed(1)
+    a = ns["annealed_langevin"](exact, torch.ones(10, 2), sigmas, 2e-3, 3)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, m.annealed_langevin(exact, torch.ones(10, 2), sigmas, 2e-3, 3))
+
+
+def test_presets_are_differences_from_the_papers_values():
+    # Config holds the paper's values (L = 10, T = 100, Adam lr 1e-3, batch 128, 200k steps); the
+    # cpu preset holds ours.
+    cfg = m.Config()
+    assert (cfg.n_levels, cfg.T, cfg.lr, cfg.batch_size, cfg.steps) == (10, 100, 1e-3, 128, 200_000)
+    assert m.PRESETS["cpu"] == {"steps": 4000, "batch_size": 512, "lr": 2e-3, "n_levels": 50}
+    names = {f.name for f in dataclasses.fields(m.Config)}
+    assert all(set(p) <= names for p in m.PRESETS.values()) and set(m.FREE) <= names
+
+
+@pytest.mark.parametrize("flags", [["--dataset", "swissroll"],
+                                   ["--dataset", "checkerboard", "--loss", "ssm"]])
 def test_other_datasets_and_sliced_score_matching_run(tmp_path, flags):
-    metrics = m.main(["--preset", "smoke", "--out", str(tmp_path), "--n-iters", "60", "--n-levels", "8", "--T", "3",
-                      "--n-samples", "200", *flags])
-    assert np.isfinite([metrics["final_loss"], metrics["swd"], metrics["mmd"]]).all()
+    metrics = m.main(["--preset", "smoke", "--out", str(tmp_path), "--steps", "60",
+                      "--n-levels", "8", "--T", "3", "--n-samples", "200", *flags])
+    report = metrics["samplers"]["annealed Langevin"]
+    assert np.isfinite([metrics["train"]["final_loss"], report["swd"], report["mmd"]]).all()
     assert (tmp_path / "samples.png").exists() and (tmp_path / "ckpt.pt").exists()
 
 
@@ -109,6 +205,10 @@ def test_user_errors(tmp_path):
         m.main(["--preset", "smoke", "--out", str(tmp_path), "--sample-only"])
     with pytest.raises(SystemExit):
         m.main(["--dataset", "moons", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--sigma-L 20.0 must be below --sigma-1"):
+        m.main(["--preset", "smoke", "--sigma-L", "20", "--out", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--T must be > 0"):
+        m.main(["--preset", "smoke", "--T", "0", "--out", str(tmp_path)])
 
 
 def test_noise_levels_are_geometric_from_sigma_1_to_sigma_L():

@@ -132,9 +132,10 @@ def test_01_diverging_langevin_is_one_error(tmp_path):
 def test_02_and_04_resume_alone_continue_the_run(tmp_path):
     m2, m4 = load_script("02_ncsn_toy"), load_script("04_sohl_dickstein_swissroll")
     out2, out4 = str(tmp_path / "02"), str(tmp_path / "04")
-    m2.main(["--preset", "smoke", "--out", out2, "--n-iters", "30", "--T", "2",
+    m2.main(["--preset", "smoke", "--out", out2, "--steps", "30", "--T", "2",
              "--n-samples", "100"])
-    assert m2.main(["--resume", "--out", out2, "--T", "2", "--n-samples", "100"])["step"] == 30
+    resumed = m2.main(["--resume", "--out", out2, "--T", "2", "--n-samples", "100"])
+    assert resumed["train"]["steps"] == 30 and resumed["train"]["steps_this_run"] == 0
     with pytest.raises(common.UserError, match="lr"):
         m2.main(["--resume", "--out", out2, "--lr", "1"])
     m4.main(["--preset", "smoke", "--out", out4, "--steps", "20"])

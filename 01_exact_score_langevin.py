@@ -31,7 +31,7 @@ weights, within-mode spread), samples.pt (a dict sampler name -> (N, 2) tensor),
 three noise levels), weights.png (the weight bar chart), annealed_langevin.gif,
 sde_ode_trajectories.png (SDE and ODE paths from the same x(T)); metrics.json also holds the
 ODE log-likelihood's error ("ode_likelihood"). Nothing is trained here, so there is no ckpt.pt
-and no loss.png; --resume is refused and --sample-only changes nothing.
+and no loss.png, and no --resume or --sample-only.
 """
 
 from __future__ import annotations
@@ -645,17 +645,12 @@ def one_thread():
 
 
 def configure(args) -> tuple:
-    """The preset with the flags given on top (common.run_config); writes config.json. Nothing is
-    trained here, so there is no checkpoint: --resume is refused, --sample-only changes nothing."""
-    if args.resume:
-        raise common.UserError("this script trains nothing, so there is nothing to --resume; "
-                               "run it without")
+    """The preset with the flags given on top (common.run_config); writes config.json."""
     out = common.prepare_out(args.out)
     device = common.get_device(args.device)
     if device.type != "cpu":
         print(f"2-D chains of a few thousand points are fastest on the CPU; ignoring --device "
               f"{device}")
-    args.sample_only = False  # sampling is all this script does: there is no checkpoint to load
     preset, cfg, _ = common.run_config(args, Config, PRESETS, STEM, FREE, device)
     common.seed_everything(args.seed)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
@@ -663,7 +658,7 @@ def configure(args) -> tuple:
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM)
+    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM, trains=False)
     cfg, preset, out = configure(args)
     t0 = time.perf_counter()
     with one_thread():

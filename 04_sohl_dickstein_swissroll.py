@@ -501,17 +501,19 @@ def main(argv=None) -> dict:
             "step": step, "losses": state["losses"][:step], "config": asdict(cfg),
             "preset": preset, "seed": args.seed, "rng_state": rng}, STEM)
 
-    K_init, t0, step0 = None, time.perf_counter(), state["step"]
+    K_init, wall, step0 = None, 0.0, state["step"]
     if not args.sample_only and state["step"] < cfg.steps:
         if state["step"] == 0:  # zero readouts: K = L_null
             x_test, gen = torch.from_numpy(held_out(cfg, args.seed)), torch.Generator()
             beta0 = model.beta().detach()
             K_init = bits(bound_K_full(model, x_test, beta0, gen.manual_seed(0)).mean())
+        t0 = time.perf_counter()
         train(model, ema, opt, state, cfg, args.seed,
               common.Checkpointer(save, 1000, out / "ckpt.pt"))
-    wall, ran, losses = time.perf_counter() - t0, state["step"] - step0, state["losses"]
+        wall = time.perf_counter() - t0
+    ran, losses = state["step"] - step0, state["losses"]
     trained = {"steps": state["step"], "steps_this_run": ran, "wall_s": wall,
-               "steps_per_s": ran / wall,
+               "steps_per_s": ran / wall if wall else 0.0,
                "final_loss": float(np.mean(losses[-100:])) if losses else None}  # -K in bits
 
     with torch.no_grad():

@@ -9,19 +9,18 @@ steps (Eq. 1-3); the reverse process (Eq. 4-5) is Gaussian with a *learned mean 
 diagonal covariance*, both read out of a network of (x_t, t); and training maximises the lower
 bound K on the log likelihood (Eq. 14: a sum of KL divergences to the forward posterior plus
 three entropy terms, Appendix B), not a noise-prediction loss; as in Sec. 2.4.1, beta_1 is a
-small constant and beta_2..T are learned by gradient ascent on K, too. K is reported in bits per 2-D
-sample next to the paper's Table 1, with the exact log likelihood of the data beside it as the
-ceiling no model can pass.
+small constant and beta_2..T are learned by gradient ascent on K, too. K is reported in bits per
+2-D sample next to the paper's Table 1, with the exact log likelihood of the data beside it as
+the ceiling no model can pass.
 
-    python 04_sohl_dickstein_swissroll.py --preset cpu     # under a minute on a 2-core CPU
+    python 04_sohl_dickstein_swissroll.py --preset cpu     # about 50 s of CPU time, one core
 
 Writes to runs/04_sohl_dickstein_swissroll/: config.json, ckpt.pt, metrics.json (K and K - L_null
 in bits, the data's own log likelihood, sliced Wasserstein / MMD of samples to fresh data beside
 the real-vs-real floor, wall times), samples.pt, samples.png, loss.png (-K in bits during
 training), figure1.png (the paper's Figure 1: forward and reverse trajectories at t = 0, T/2, T
 and the drift mu(x_t, t) - x_t), variance.png (learned reverse variance against the learned
-forward beta_t),
-reverse_chain.gif.
+forward beta_t), reverse_chain.gif.
 """
 
 from __future__ import annotations
@@ -29,7 +28,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,64 +38,69 @@ from tqdm import tqdm
 
 import common
 
-STEM = "04_sohl_dickstein_swissroll"
-D = 2  # data dimension
-PAPER_TABLE1_BITS = {"K": 2.35, "K_minus_L_null": 6.45}  # Table 1, Swiss roll, bits per sample
-
-# -- config: presets + argparse -----------------------------------------------------------
+# -- config ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Config:
     T: int = 40  # trajectory length; paper: 40 for the Swiss roll (App. D.1.1)
-    schedule: str = "learned"  # paper: beta_2..T learned on K (Sec. 2.4.1); the code: "fixed"
-    beta1: float = 1e-3  # paper: "a small constant" (Sec. 2.4.1); the code: 1/T + 1e-3 = 0.026
+    # beta_2..T learned on K (the paper, Sec. 2.4.1) or fixed (the authors' code)
+    schedule: Literal["learned", "fixed"] = "learned"
+    # variance of the fixed first step; paper: "a small constant" (Sec. 2.4.1); the authors'
+    # code: 1/T + 1e-3 = 0.026
+    beta1: float = 1e-3
     # jitter of the roll in raw units (arms ~6.3 apart; 0.15 after scaling), not in the paper;
-    # the model's last step adds fixed noise of variance beta_1 (App. B.2), so sqrt(beta_1) should
-    # stay below it
+    # the model's last step adds fixed noise of variance beta_1 (App. B.2), so sqrt(beta_1)
+    # should stay below it
     roll_noise: float = 1.0
-    trunk: str = "rbf"  # paper: a normalized RBF network; "mlp" swaps in a tanh MLP, same per-step readouts
-    hidden: int = 16  # paper: 16 RBF units
+    # shared layers: the paper's normalized RBF network, or a tanh MLP with the same readouts
+    trunk: Literal["rbf", "mlp"] = "rbf"
+    hidden: int = 16  # RBF units (MLP width); paper: 16 RBF units
+    # training steps (the paper does not say); with --resume: extend the run to this many, the
+    # cosine lr decay then spans the new total
     steps: int = 4000
-    batch: int = 512  # reference code: 512
-    lr: float = 1e-2  # Adam, cosine decay; reference code: RMSProp, lr 1e-3 decayed towards 1e-5
-    ema: float = 0.995
+    batch_size: int = 512  # Swiss-roll points per step; the authors' code: 512
+    # Adam learning rate, cosine decay; the authors' code: RMSProp, 1e-3 decayed towards 1e-5
+    lr: float = 1e-2
+    ema_decay: float = 0.995  # EMA of the weights, evaluated and sampled (not in the paper)
     n_eval: int = 4000  # held-out points for K, and samples drawn for the distances
     gif_stride: int = 1  # every how many reverse steps a GIF frame is drawn
 
+    def __post_init__(self):
+        small = {"T": 2, "steps": 1, "batch_size": 1, "hidden": 1, "n_eval": 2, "gif_stride": 1}
+        for name, least in small.items():
+            if getattr(self, name) < least:
+                raise common.UserError(f"--{name.replace('_', '-')} must be at least {least}")
+        if not (0 < self.beta1 < 1 and 0 <= self.ema_decay < 1):
+            raise common.UserError("--beta1 must be in (0, 1) and --ema-decay in [0, 1)")
+        if self.lr == 0 or self.roll_noise == 0:
+            raise common.UserError("--lr and --roll-noise must be above 0")
+
 
 PRESETS = {
-    "smoke": Config(steps=300, batch=256, ema=0.9, n_eval=500, gif_stride=10),
-    "cpu": Config(hidden=64, gif_stride=2),  # paper: 16 RBF units
-    "gpu": Config(hidden=64, steps=20000, batch=1024, ema=0.999, n_eval=20000),  # paper: 16
+    "smoke": {"steps": 300, "batch_size": 256, "ema_decay": 0.9, "n_eval": 500, "gif_stride": 10},
+    "cpu": {"hidden": 64, "gif_stride": 2},  # paper: 16 RBF units
+    "gpu": {"hidden": 64, "steps": 20000, "batch_size": 1024, "ema_decay": 0.999,  # paper: 16
+            "n_eval": 20000},
 }
-
-
-def parse_args(argv):
-    parser = common.base_parser(__doc__, STEM)
-    parser.add_argument("--steps", type=common.positive_int,
-                        help="training steps (default: from the preset; with --resume: extend the "
-                        "run to this many, the cosine lr decay then spans the new total)")
-    parser.add_argument("--lr", type=common.positive_float, help="Adam learning rate (default: from the preset)")
-    parser.add_argument("--trunk", choices=["rbf", "mlp"], help="shared layers: the paper's normalized RBF "
-                        "network or a tanh MLP (default: rbf)")
-    parser.add_argument("--hidden", type=common.positive_int, help="RBF units / MLP width (default: 16)")
-    parser.add_argument("--schedule", choices=["learned", "fixed"],
-                        help="beta_2..T learned on K (the paper) or fixed (default: learned)")
-    parser.add_argument("--beta1", type=common.positive_float, help="beta_1 (default: 0.001)")
-    return parser.parse_args(argv)
-
+FREE = ("n_eval", "gif_stride")  # what a resumed run may change: evaluation and figures
+STEM = "04_sohl_dickstein_swissroll"
+PAPER_TABLE1_BITS = {"K": 2.35, "K_minus_L_null": 6.45}  # Table 1, Swiss roll, bits per sample
 
 # -- data: the Swiss roll, scaled to zero mean and E|x|^2 = 2 ----------------------------------
 
+D = 2  # data dimension
+
 
 def roll_curve(tau: np.ndarray) -> np.ndarray:
-    """The spiral (tau cos tau, tau sin tau), tau in [1.5 pi, 4.5 pi] (as sklearn's make_swiss_roll)."""
+    """The spiral (tau cos tau, tau sin tau), tau in [1.5 pi, 4.5 pi] (as sklearn's
+    make_swiss_roll)."""
     return np.stack([tau * np.cos(tau), tau * np.sin(tau)], -1)
 
 
 TAU_LO, TAU_HI = 1.5 * math.pi, 4.5 * math.pi
-_TAU_GRID = TAU_LO + (TAU_HI - TAU_LO) * (np.arange(4096) + 0.5) / 4096  # midpoint rule for E over tau
+# the midpoint rule for expectations over tau
+_TAU_GRID = TAU_LO + (TAU_HI - TAU_LO) * (np.arange(4096) + 0.5) / 4096
 
 
 @functools.lru_cache
@@ -115,9 +120,15 @@ def swiss_roll(n: int, seed: int, noise: float) -> np.ndarray:
     return ((x - m) * s).astype(np.float32)
 
 
+def held_out(cfg: Config, seed: int, n: int | None = None) -> np.ndarray:
+    """Test points: their seeds are never used in training (those are seed * 1_000_003 + step)."""
+    return swiss_roll(cfg.n_eval if n is None else n, seed + 999_983, cfg.roll_noise)
+
+
 def data_log_density(x: np.ndarray, noise: float) -> np.ndarray:
-    """Exact log q(x^(0)) of the scaled roll: a uniform mixture over tau of N(curve(tau), noise^2 I),
-    integrated by the midpoint rule. E[log q] is the largest log likelihood any model can reach."""
+    """Exact log q(x^(0)) of the scaled roll: a uniform mixture over tau of N(curve(tau),
+    noise^2 I), integrated by the midpoint rule. E[log q] is the largest log likelihood any model
+    can reach."""
     m, s = roll_scaling(noise)
     raw = x.astype(np.float64) / s + m
     d2 = ((raw[:, None, :] - roll_curve(_TAU_GRID)[None]) ** 2).sum(-1)
@@ -146,8 +157,10 @@ def alpha_bar(beta: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1 - beta, 0)
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, beta: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x^(t) ~ q(x^(t) | x^(0)) = N(sqrt(abar_t) x0, (1 - abar_t) I): T_pi of Table App.1 applied t times."""
+def q_sample(x0: torch.Tensor, t: torch.Tensor, beta: torch.Tensor,
+             noise: torch.Tensor) -> torch.Tensor:
+    """x^(t) ~ q(x^(t) | x^(0)) = N(sqrt(abar_t) x0, (1 - abar_t) I): T_pi of Table App.1 applied
+    t times."""
     ab = alpha_bar(beta)[t - 1][:, None]
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
@@ -164,62 +177,72 @@ def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, beta: torch
 
 
 def gaussian_kl(mu_q, var_q, mu_p, var_p) -> torch.Tensor:
-    """D_KL(N(mu_q, var_q) || N(mu_p, var_p)) for diagonal Gaussians, summed over dimensions, in nats."""
+    """D_KL(N(mu_q, var_q) || N(mu_p, var_p)) for diagonal Gaussians, summed over dimensions, in
+    nats."""
     return 0.5 * (torch.log(var_p / var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1).sum(-1)
 
 
-def gaussian_entropy(var: torch.Tensor, d: int = D) -> torch.Tensor:
-    """H[N(., var I)] = d/2 log(2 pi e var), in nats."""
+def gaussian_entropy(var: torch.Tensor, d: int) -> torch.Tensor:
+    """H[N(., var I_d)] = d/2 log(2 pi e var), in nats."""
     return 0.5 * d * torch.log(2 * math.pi * math.e * var)
 
 
-def entropy_terms(beta: torch.Tensor) -> torch.Tensor:
-    """H_q(X^(T) | X^(0)) - H_q(X^(1) | X^(0)) - H_p(X^(T)) of Eq. 14 (App. B.1-B.4), in nats.
-    H_p(X^(T)) stands for the cross entropy -E_q log pi(x^(T)); the two are equal when E|x0|^2 = D."""
+def entropy_terms(beta: torch.Tensor, d: int) -> torch.Tensor:
+    """H_q(X^(T) | X^(0)) - H_q(X^(1) | X^(0)) - H_p(X^(T)) of Eq. 14 (App. B.1-B.4), in nats, for
+    d-dimensional data. H_p(X^(T)) stands for the cross entropy -E_q log pi(x^(T)); the two are
+    equal when E|x0|^2 = d."""
     ab_T = alpha_bar(beta)[-1]
-    return gaussian_entropy(1 - ab_T) - gaussian_entropy(beta[0]) - gaussian_entropy(torch.ones(()))
+    return (gaussian_entropy(1 - ab_T, d) - gaussian_entropy(beta[0], d)
+            - gaussian_entropy(torch.ones(()), d))
 
 
-def bound_K(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, beta: torch.Tensor, noise: torch.Tensor):
+def bound_K(model, x0: torch.Tensor, t: torch.Tensor, beta: torch.Tensor, noise: torch.Tensor):
     """Single-sample estimate of K (Eq. 14) per data point, in nats: the KL term of one step
     t ~ U{2..T}, times the T - 1 terms of the sum, plus the entropy terms. Step t = 1 is the
-    fixed reversal p(x^(0) | x^(1)) = T_pi(x^(0) | x^(1); beta_1) (App. B.2) and adds nothing."""
+    fixed reversal p(x^(0) | x^(1)) = T_pi(x^(0) | x^(1); beta_1) (App. B.2) and adds nothing.
+    model(x^(t), t, beta) returns the mean and diagonal variance of p(x^(t-1) | x^(t))."""
     T = len(beta)
     xt = q_sample(x0, t, beta, noise)
     mu_q, var_q = q_posterior(x0, xt, t, beta)
     mu_p, var_p = model(xt, t, beta)
-    return -(T - 1) * gaussian_kl(mu_q, var_q, mu_p, var_p) + entropy_terms(beta)
+    return -(T - 1) * gaussian_kl(mu_q, var_q, mu_p, var_p) + entropy_terms(beta, x0.shape[-1])
 
 
 @torch.no_grad()
 def bound_K_full(model, x0: torch.Tensor, beta: torch.Tensor, generator=None) -> torch.Tensor:
     """K per data point with every KL term t = 2..T evaluated (one x^(t) each), in nats."""
-    kl = torch.zeros(len(x0))
+    kl = torch.zeros(len(x0), device=x0.device)
     for t in range(2, len(beta) + 1):
-        tt = torch.full((len(x0),), t)
-        xt = q_sample(x0, tt, beta, torch.randn(x0.shape, generator=generator))
+        tt = torch.full((len(x0),), t, device=x0.device)
+        xt = q_sample(x0, tt, beta, torch.randn(x0.shape, generator=generator, device=x0.device))
         kl += gaussian_kl(*q_posterior(x0, xt, tt, beta), *model(xt, tt, beta))
-    return -kl + entropy_terms(beta)
+    return -kl + entropy_terms(beta, x0.shape[-1])
 
 
 def log_pi(x: torch.Tensor) -> torch.Tensor:
-    """log N(x; 0, I): the tractable end distribution pi(x^(T)) (Eq. 4), also the null model L_null."""
+    """log N(x; 0, I): the tractable end distribution pi(x^(T)) (Eq. 4), also the null model
+    L_null."""
     return -0.5 * (x**2).sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
 
 
 @torch.no_grad()
-def p_sample_loop(model, n: int, beta: torch.Tensor, generator=None) -> list[torch.Tensor]:
-    """Ancestral sampling of Eq. 5: x^(T) ~ pi, x^(t-1) ~ N(f_mu(x^(t), t), f_Sigma(x^(t), t)) for
-    t = T..2, then the fixed last step x^(0) ~ N(sqrt(1 - beta_1) x^(1), beta_1 I) (App. B.2).
-    Returns [x^(T), ..., x^(0)]."""
-    x = torch.randn(n, D, generator=generator)
-    traj = [x]
-    for t in range(len(beta), 1, -1):
-        mu, var = model(x, torch.full((n,), t), beta)
-        x = mu + var.sqrt() * torch.randn(x.shape, generator=generator)
-        traj.append(x)
-    traj.append((1 - beta[0]).sqrt() * x + beta[0].sqrt() * torch.randn(x.shape, generator=generator))
-    return traj
+def p_sample_loop(model, x: torch.Tensor, beta: torch.Tensor, generator=None, record=None):
+    """Ancestral sampling of Eq. 5 from x = x^(T) ~ pi: x^(t-1) ~ N(f_mu(x^(t), t), f_Sigma(x^(t),
+    t)) for t = T..2, then the fixed last step x^(0) ~ N(sqrt(1 - beta_1) x^(1), beta_1 I)
+    (App. B.2). Returns x^(0); record(t, x^(t)) sees every step, t = T..0."""
+    T = len(beta)
+    if record:
+        record(T, x)
+    for t in range(T, 1, -1):
+        mu, var = model(x, torch.full((len(x),), t, device=x.device), beta)
+        x = mu + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
+        if record:
+            record(t - 1, x)
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    x = (1 - beta[0]).sqrt() * x + beta[0].sqrt() * noise
+    if record:
+        record(0, x)
+    return x
 
 
 # -- model: shared layers, one readout per time step (App. D.1.1) ------------------------------
@@ -231,21 +254,22 @@ class ReverseModel(nn.Module):
     t (the paper). As in the authors' code, both are perturbations of the forward step:
     f_mu = sqrt(1 - beta_t) x + sqrt(beta_t) z_mu and f_Sigma = sigmoid(z_Sigma + logit beta_t),
     so the sigmoid keeps the variance in (0, 1) and zero readouts give the exact reversal of
-    diffusion on N(0, I) data, for which K = L_null."""
+    diffusion on N(0, I) data, for which K = L_null. theta holds the learned beta_2..T."""
 
     def __init__(self, T: int, trunk: str = "rbf", hidden: int = 16, beta1: float = 1e-3,
-                 learn_schedule: bool = True):
+                 learn_schedule: bool = True, dim: int = 2):
         super().__init__()
-        self.T, self.beta1 = T, beta1
-        self.theta = nn.Parameter(torch.zeros(T - 1), requires_grad=learn_schedule)  # of beta_2..T
+        self.T, self.beta1, self.dim = T, beta1, dim
+        self.theta = nn.Parameter(torch.zeros(T - 1), requires_grad=learn_schedule)
         self.trunk = trunk
         if trunk == "rbf":  # normalized RBF: softmax over -|x - c_j|^2 / (2 w_j^2)
-            self.centers = nn.Parameter(torch.randn(hidden, D))
+            self.centers = nn.Parameter(torch.randn(hidden, dim))
             self.log_width = nn.Parameter(torch.full((hidden,), math.log(0.5)))
         else:
-            self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
-        self.readout_w = nn.Parameter(torch.zeros(T, hidden, 2 * D))
-        self.readout_b = nn.Parameter(torch.zeros(T, 2 * D))
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(),
+                                     nn.Linear(hidden, hidden), nn.Tanh())
+        self.readout_w = nn.Parameter(torch.zeros(T, hidden, 2 * dim))
+        self.readout_b = nn.Parameter(torch.zeros(T, 2 * dim))
 
     def beta(self) -> torch.Tensor:
         return beta_schedule(self.T, self.beta1, self.theta)
@@ -258,31 +282,36 @@ class ReverseModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, beta: torch.Tensor):
         w = self.readout_w.transpose(0, 1).flatten(1)  # every step's readout in one matmul
-        z = (self.features(x) @ w).view(len(x), self.T, 2 * D)[torch.arange(len(x)), t - 1]
-        z = z + self.readout_b[t - 1]
+        z = (self.features(x) @ w).view(len(x), self.T, 2 * self.dim)
+        z = z[torch.arange(len(x), device=x.device), t - 1] + self.readout_b[t - 1]
         z_mu, z_sigma = z.chunk(2, dim=-1)
         b = beta[t - 1][:, None]
         return (1 - b).sqrt() * x + b.sqrt() * z_mu, torch.sigmoid(z_sigma + torch.logit(b))
 
 
-# -- training loop: gradient ascent on K (Sec. 2.4) -----------------------------------------
+def build_model(cfg: Config) -> ReverseModel:
+    return ReverseModel(cfg.T, cfg.trunk, cfg.hidden, cfg.beta1, cfg.schedule == "learned", D)
 
 
-def train(model, ema, opt, state: dict, cfg: Config, seed: int, ckpt) -> list[float]:
+# -- training: gradient ascent on K (Sec. 2.4) ---------------------------------------------------
+
+
+def train(model, ema, opt, state: dict, cfg: Config, seed: int, checkpointer) -> list[float]:
     """Maximise K on fresh Swiss-roll batches; returns -K per step in bits. One t per example
     (the reference code draws one t per minibatch). A learned schedule gets its gradient through
     the frozen noise of q_sample (Sec. 2.4.1). The checkpointer checks every loss and saves."""
     losses = state.setdefault("losses", [])
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="train -K (bits)", mininterval=1.0)
-    with ckpt:
+    with checkpointer:
         for step in range(state["step"], cfg.steps + 1):
-            ckpt.begin(step)
-            x0 = torch.from_numpy(swiss_roll(cfg.batch, seed * 1_000_003 + step, cfg.roll_noise))
-            t = torch.randint(2, cfg.T + 1, (cfg.batch,))
+            checkpointer.begin(step)
+            x0 = torch.from_numpy(swiss_roll(cfg.batch_size, seed * 1_000_003 + step,
+                                             cfg.roll_noise))
+            t = torch.randint(2, cfg.T + 1, (cfg.batch_size,))
             for group in opt.param_groups:  # cosine decay (the reference code decays its lr, too)
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             loss = -bound_K(model, x0, t, model.beta(), torch.randn_like(x0)).mean() / math.log(2)
-            ckpt.verified(loss, step, last=step == cfg.steps)
+            checkpointer.verified(loss, step, last=step == cfg.steps)
             if step == cfg.steps:
                 break
             opt.zero_grad(set_to_none=True)
@@ -301,9 +330,53 @@ def train(model, ema, opt, state: dict, cfg: Config, seed: int, ckpt) -> list[fl
 # -- evaluation and figures ------------------------------------------------------------------
 
 
+def bits(nats) -> float:
+    return float(nats) / math.log(2)
+
+
+def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int) -> tuple[dict, list]:
+    """K on held-out points, the data's own log likelihood, samples and their distances to fresh
+    data. Returns the metrics and the reverse chain [x^(T), ..., x^(0)] of the samples."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    x_test = held_out(cfg, seed)
+    x0 = torch.from_numpy(x_test)
+    K = bits(bound_K_full(model, x0, beta, gen).mean())
+    L_null = bits(log_pi(x0).mean())
+    L_data = bits(data_log_density(x_test[:2000], cfg.roll_noise).mean())
+
+    t0, chain = time.perf_counter(), []
+    x_T = torch.randn(cfg.n_eval, D, generator=gen)
+    samples = p_sample_loop(model, x_T, beta, gen, record=lambda t, x: chain.append(x))
+    wall = time.perf_counter() - t0
+    common.check_finite(samples, cfg.steps, "a sample", "try a lower --lr")
+    truth = lambda n, s: swiss_roll(n, s, cfg.roll_noise)
+    dist = common.distance_report(samples.numpy(), truth, seed=seed)
+    return {
+        "K_bits": K,
+        "K_cap_from_beta1_bits": bits(entropy_terms(beta, D)),
+        "beta": beta.tolist(),
+        "K_minus_L_null_bits": K - L_null,
+        "L_null_bits": L_null,
+        "data_log_likelihood_bits": L_data,
+        "gap_to_data_bits": L_data - K,
+        "paper_table1_bits": PAPER_TABLE1_BITS,
+        "units": "bits per 2-D sample (summed over both coordinates), held-out data, data scaled "
+                 "to zero mean and E|x|^2 = 2 as in the authors' code, so that "
+                 "L_null = -log2(2 pi e) = -4.094 bits",
+        "comparability": "K - L_null uses the same null and units as Table 1, but the paper does "
+                         "not state the roll's thickness or extent (its code for the roll is not "
+                         "public), and K is capped by the data's own log likelihood "
+                         "(data_log_likelihood_bits), which is set by that thickness and by "
+                         "beta_1; so the values are comparable in kind, not in size",
+        "distances": dist,
+        "swd_over_floor": dist["swd"] / dist["swd_floor"],
+        "ancestral": {"n": cfg.n_eval, "wall_s": wall, "samples_per_s": cfg.n_eval / wall},
+    }, chain
+
+
 def plot_figure1(traj_q, traj_p, model, beta, truth, path):
-    """The paper's Figure 1: forward q (top) and reverse p (middle) at t = 0, T/2, T, and the drift
-    f_mu(x^(t), t) - x^(t) of the reverse process (bottom)."""
+    """The paper's Figure 1: forward q (top) and reverse p (middle) at t = 0, T/2, T, and the
+    drift f_mu(x^(t), t) - x^(t) of the reverse process (bottom)."""
     plt = common._plt()
     T = len(beta)
     times = [0, T // 2, T]
@@ -334,8 +407,8 @@ def plot_figure1(traj_q, traj_p, model, beta, truth, path):
 
 
 def plot_variance(model, beta, cfg: Config, seed: int, path):
-    """Learned reverse variance f_Sigma(x^(t), t) over x^(t) ~ q against the forward beta_t and the
-    posterior variance of q(x^(t-1) | x^(t), x^(0))."""
+    """Learned reverse variance f_Sigma(x^(t), t) over x^(t) ~ q against the forward beta_t and
+    the posterior variance of q(x^(t-1) | x^(t), x^(0))."""
     plt = common._plt()
     x0 = torch.from_numpy(swiss_roll(2000, seed + 7, cfg.roll_noise))
     ts = np.arange(2, cfg.T + 1)
@@ -361,129 +434,102 @@ def plot_variance(model, beta, cfg: Config, seed: int, path):
     plt.close(fig)
 
 
-def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int, out, times: dict) -> dict:
-    gen = torch.Generator().manual_seed(seed + 1)
-    x_test = swiss_roll(cfg.n_eval, seed + 999_983, cfg.roll_noise)  # held out: seeds never used in training
-    x0 = torch.from_numpy(x_test)
-    bits = lambda nats: float(nats) / math.log(2)
-    K = bits(bound_K_full(model, x0, beta, gen).mean())
-    L_null = bits(log_pi(x0).mean())
-    L_data = bits(data_log_density(x_test[:2000], cfg.roll_noise).mean())
-
-    t0 = time.perf_counter()
-    traj_p = p_sample_loop(model, cfg.n_eval, beta, gen)
-    times["sampling_s"] = time.perf_counter() - t0
-    samples = traj_p[-1]
-    common.check_finite(samples, cfg.steps)
-    torch.save(samples, out / "samples.pt")
-    truth = lambda n, s: swiss_roll(n, s, cfg.roll_noise)
-    dist = common.distance_report(samples.numpy(), truth, seed=seed)
-
-    ab = alpha_bar(beta)
-    traj_q = [x0] + [ab[t - 1].sqrt() * x0 + (1 - ab[t - 1]).sqrt() * torch.randn(x0.shape, generator=gen)
-                     for t in range(1, cfg.T + 1)]
-    common.scatter_2d({"data (held out)": x_test, f"samples, T = {cfg.T} reverse steps": samples.numpy()},
+def figures(model, beta, cfg: Config, seed: int, chain: list, losses: list, out) -> None:
+    """samples.png, loss.png, figure1.png, variance.png and reverse_chain.gif."""
+    x_test, samples = held_out(cfg, seed), chain[-1].numpy()
+    common.scatter_2d({"data (held out)": x_test, f"samples, T = {cfg.T} reverse steps": samples},
                       x_test, out / "samples.png", lim=2.6)
-    plot_figure1([x.numpy() for x in traj_q], [x.numpy() for x in traj_p], model, beta, x_test, out / "figure1.png")
+    if losses:
+        common.plot_loss(losses, out / "loss.png", title="-K (bits per sample), lower is better")
+    gen, x0 = torch.Generator().manual_seed(seed + 2), torch.from_numpy(x_test)
+    ab = alpha_bar(beta)
+    traj_q = [x0] + [ab[t - 1].sqrt() * x0 + (1 - ab[t - 1]).sqrt()
+                     * torch.randn(x0.shape, generator=gen) for t in range(1, cfg.T + 1)]
+    plot_figure1([x.numpy() for x in traj_q], [x.numpy() for x in chain], model, beta, x_test,
+                 out / "figure1.png")
     plot_variance(model, beta, cfg, seed, out / "variance.png")
     keep = list(range(0, cfg.T + 1, cfg.gif_stride)) + ([cfg.T] if cfg.T % cfg.gif_stride else [])
-    frames = [traj_p[i][:1500].numpy() for i in keep]
+    frames = [chain[i][:1500].numpy() for i in keep]
     titles = [f"reverse chain: x$^{{({cfg.T - i})}}$" for i in keep]
-    common.gif_points(out / "reverse_chain.gif", frames + frames[-1:] * 8, titles + titles[-1:] * 8,
-                      truth=x_test[:1500], lim=2.6, fps=8)
-    return {
-        "K_bits": K,
-        "K_cap_from_beta1_bits": bits(entropy_terms(beta)),
-        "beta": beta.tolist(),
-        "K_minus_L_null_bits": K - L_null,
-        "L_null_bits": L_null,
-        "data_log_likelihood_bits": L_data,
-        "gap_to_data_bits": L_data - K,
-        "paper_table1_bits": PAPER_TABLE1_BITS,
-        "units": "bits per 2-D sample (summed over both coordinates), held-out data, data scaled to zero mean "
-                 "and E|x|^2 = 2 as in the authors' code, so that L_null = -log2(2 pi e) = -4.094 bits",
-        "comparability": "K - L_null uses the same null and units as Table 1, but the paper does not state the "
-                         "roll's thickness or extent (its code for the roll is not public), and K is capped by "
-                         "the data's own log likelihood (data_log_likelihood_bits), which is set by that thickness "
-                         "and by beta_1; so the values are comparable in kind, not in size",
-        "distances": dist,
-        "swd_over_floor": dist["swd"] / dist["swd_floor"],
-    }
+    common.gif_points(out / "reverse_chain.gif", frames + frames[-1:] * 8,
+                      titles + titles[-1:] * 8, truth=x_test[:1500], lim=2.6, fps=8)
+
+
+# -- main ---------------------------------------------------------------------------------------
 
 
 def prepare(args) -> tuple:
-    """Output folder, preset and config; for --resume and --sample-only the checkpoint's."""
+    """Preset, config and checkpoint of this call (for --resume and --sample-only the
+    checkpoint's), then the output folder."""
     device = common.get_device(args.device)
     if device.type != "cpu":
-        print(f"a 2-D model this small is fastest on the CPU; ignoring --device {device}")
-    out = common.prepare_out(args.out)
-    flags = {k: getattr(args, k)
-             for k in ("steps", "lr", "trunk", "hidden", "schedule", "beta1")}
-    if not (args.resume or args.sample_only):
-        args.seed = 0 if args.seed is None else args.seed
-        preset = common.resolve_preset(args.preset, device)
-        cfg = replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
-        return out, preset, cfg, None
-    ckpt = common.load_checkpoint(out / "ckpt.pt", STEM)
-    saved = {**ckpt["config"], "preset": ckpt["preset"], "seed": ckpt["seed"]}
-    fixed = ("lr", "trunk", "hidden", "schedule", "beta1", "preset")
-    fixed += ("seed",) if args.resume else ()
-    given = {**flags, "preset": args.preset, "seed": args.seed}
-    cfg = common.resume_config(saved, given, fixed, ckpt["step"], out / "ckpt.pt",
-                               extend=args.resume)
-    args.seed = cfg.pop("seed")
-    return out, cfg.pop("preset"), Config(**cfg), ckpt
+        print(f"a 2-D model this small is fastest on the CPU; running there, not on {device}")
+        new_run = not (args.resume or args.sample_only)
+        if device.type == "cuda" and args.preset is None and new_run:
+            args.preset = "gpu"
+            print("--preset not given: 'gpu' on a CUDA machine")
+    preset, cfg, ckpt = common.run_config(args, Config, PRESETS, STEM, FREE, torch.device("cpu"))
+    return common.prepare_out(args.out), preset, cfg, ckpt
+
+
+def restore(ckpt, model, ema, opt, path) -> dict:
+    """Weights, EMA, optimiser and RNG from the checkpoint (if any); the run's step and losses."""
+    if ckpt is None:
+        return {"step": 0, "losses": []}
+    for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+        common.load_state(obj, ckpt[key], path)
+    common.set_rng_state(ckpt["rng_state"])
+    return {"step": ckpt["step"], "losses": list(ckpt["losses"])}
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    t_start = time.perf_counter()
+    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM)
     out, preset, cfg, ckpt = prepare(args)
     torch.set_num_threads(1)  # tensors of a few thousand 2-D points: one thread is fastest
     common.seed_everything(args.seed)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
 
-    model = ReverseModel(cfg.T, cfg.trunk, cfg.hidden, cfg.beta1, cfg.schedule == "learned")
-    ema = common.make_ema(model, cfg.ema)
+    model = build_model(cfg)
+    ema = common.make_ema(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state = {"step": 0, "losses": []}
-    if ckpt is not None:
-        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-            common.load_state(obj, ckpt[key], out / "ckpt.pt")
-        state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
-        common.set_rng_state(ckpt["rng_state"])
+    state = restore(ckpt, model, ema, opt, out / "ckpt.pt")
 
     def save(step: int, rng: dict):
         common.save_checkpoint(out / "ckpt.pt", {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "losses": state["losses"][:step], "config": asdict(cfg), "preset": preset,
-            "seed": args.seed, "rng_state": rng}, STEM)
+            "step": step, "losses": state["losses"][:step], "config": asdict(cfg),
+            "preset": preset, "seed": args.seed, "rng_state": rng}, STEM)
 
-    times = {}
-    K_init = None
+    K_init, wall, step0 = None, 0.0, state["step"]
     if not args.sample_only and state["step"] < cfg.steps:
-        if state["step"] == 0:
-            x_init = torch.from_numpy(swiss_roll(cfg.n_eval, args.seed + 999_983, cfg.roll_noise))
-            gen = torch.Generator().manual_seed(0)
-            K_init = bound_K_full(model, x_init, model.beta().detach(), gen)
-            K_init = float(K_init.mean()) / math.log(2)
-        t0, step0 = time.perf_counter(), state["step"]
-        checkpointer = common.Checkpointer(save, 1000, out / "ckpt.pt")
-        train(model, ema, opt, state, cfg, args.seed, checkpointer)
-        times["train_s"] = time.perf_counter() - t0
-        times["steps_per_s"] = (state["step"] - step0) / max(times["train_s"], 1e-9)
-        common.plot_loss(state["losses"], out / "loss.png", title="-K (bits per sample), lower is better")
+        if state["step"] == 0:  # zero readouts: K = L_null
+            x_test, gen = torch.from_numpy(held_out(cfg, args.seed)), torch.Generator()
+            beta0 = model.beta().detach()
+            K_init = bits(bound_K_full(model, x_test, beta0, gen.manual_seed(0)).mean())
+        t0 = time.perf_counter()
+        train(model, ema, opt, state, cfg, args.seed,
+              common.Checkpointer(save, 1000, out / "ckpt.pt"))
+        wall = time.perf_counter() - t0
+    ran, losses = state["step"] - step0, state["losses"]
+    trained = {"steps": state["step"], "steps_this_run": ran, "wall_s": wall,
+               "steps_per_s": ran / wall if wall else 0.0,
+               "final_loss": float(np.mean(losses[-100:])) if losses else None}  # -K in bits
 
-    t0 = time.perf_counter()
     with torch.no_grad():
         beta = ema.module.beta()
-    metrics = evaluate(ema.module, cfg, beta, args.seed, out, times)
-    times["eval_s"] = time.perf_counter() - t0
-    metrics = {"preset": preset, "steps": state["step"], "K_bits_at_init": K_init, **metrics, **times}
+    metrics, chain = evaluate(ema.module, cfg, beta, args.seed)
+    torch.save(chain[-1], out / "samples.pt")
+    figures(ema.module, beta, cfg, args.seed, chain, losses, out)
+    metrics = {"preset": preset, "seed": args.seed, "train": trained, "K_bits_at_init": K_init,
+               **metrics, "params": common.count_params(model),
+               "wall_s_total": time.perf_counter() - t_start}
     common.write_json(out / "metrics.json", metrics)
     d = metrics["distances"]
-    print(f"K = {metrics['K_bits']:.3f} bits, K - L_null = {metrics['K_minus_L_null_bits']:.3f} bits "
-          f"(paper: 2.35, 6.45); data log-likelihood {metrics['data_log_likelihood_bits']:.3f} bits; "
-          f"swd {d['swd']:.4f} (floor {d['swd_floor']:.4f})")
+    print(f"K = {metrics['K_bits']:.3f} bits, K - L_null = {metrics['K_minus_L_null_bits']:.3f} "
+          f"bits (paper: 2.35, 6.45); data log-likelihood "
+          f"{metrics['data_log_likelihood_bits']:.3f} bits; swd {d['swd']:.4f} "
+          f"(floor {d['swd_floor']:.4f})")
     return metrics
 
 

@@ -139,7 +139,7 @@ def test_02_and_04_resume_alone_continue_the_run(tmp_path):
     with pytest.raises(common.UserError, match="lr"):
         m2.main(["--resume", "--out", out2, "--lr", "1"])
     m4.main(["--preset", "smoke", "--out", out4, "--steps", "20"])
-    assert m4.main(["--resume", "--out", out4])["steps"] == 20
+    assert m4.main(["--resume", "--out", out4])["train"]["steps"] == 20
     with pytest.raises(common.UserError, match="hidden"):
         m4.main(["--resume", "--out", out4, "--hidden", "3"])
 

@@ -1,6 +1,7 @@
 """06 score SDEs: the math against closed forms and Monte Carlo, the samplers and the likelihood
 on Gaussians with their analytic scores, and the script end to end on tiny data."""
 
+import inspect
 import json
 import math
 
@@ -79,11 +80,12 @@ def test_samplers_reach_the_moments_of_a_gaussian_with_its_exact_score(sampler, 
     sde = {"ve": m.VESDE(0.01, 10.0), "vp": m.VPSDE(0.1, 20.0), "subvp": m.SubVPSDE(0.1, 20.0)}[name]
     mu, s, n = torch.tensor([1.0, -0.5]), torch.tensor([0.5, 1.0]), 4000
     score, gen, eps = gaussian_score(sde, mu, s), torch.Generator().manual_seed(3), m.SAMPLE_EPS[name]
+    x_T = sde.prior_sampling((n, 2), gen)
     if sampler == "ode":
-        x, nfe, _ = m.sample_ode(score, sde, (n, 2), eps, 1e-4, 1e-4, gen)
+        x, nfe = m.sample_ode(score, sde, x_T, eps, 1e-4, 1e-4)
     else:
-        x, nfe, _ = m.sample_sde(score, sde, (n, 2), 200, eps, "rd" if sampler in ("rd", "pc") else "em",
-                                 0.16 if sampler == "pc" else None, generator=gen)
+        x, nfe = m.sample_sde(score, sde, x_T, 200, eps, "rd" if sampler in ("rd", "pc") else "em",
+                              0.16 if sampler == "pc" else None, generator=gen)
     # s.e. of the mean <= 1/sqrt(4000) = 0.016, of the std about 1.1%; N = 200 steps add ~1% bias.
     assert torch.allclose(x.mean(0), mu, atol=0.06), x.mean(0)
     assert torch.allclose(x.std(0) / s, torch.ones(2), atol=0.06), x.std(0)
@@ -110,7 +112,10 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     for name, result in metrics["samplers"].items():  # each sampler judged; 8 samples: no FID
         assert result["judge"]["n"] == 8 and result["judge"]["fid"] is None, name
     assert metrics["judge"] == metrics["samplers"]["em"]["judge"]
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 20
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 20
+    assert set(metrics["train"]) == {"steps", "steps_this_run", "wall_s", "steps_per_s",
+                                     "final_loss"}
+    assert {"n", "nfe", "wall_s", "samples_per_s"} <= set(metrics["samplers"]["pc"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     losses = ckpt["losses"]
     # Eq. 7's loss starts near 1 (the network outputs ~0, so the loss is E z^2); measured ~0.5 after 20 steps.
@@ -123,7 +128,7 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     before = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     metrics = run(tiny_mnist, out, "--sample-only", "--lik-images", "0", "--sampler", "ode",
                   "--no-judge")
-    assert "train_seconds" not in metrics and metrics["sampler"] == "ode" and "judge" not in metrics
+    assert "train" not in metrics and metrics["sampler"] == "ode" and "judge" not in metrics
     after = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -221,3 +226,79 @@ def test_smld_chain_reproduces_the_ve_marginals():
     _, G = sde.discretize(torch.zeros(n, 1, dtype=torch.float64), t, dt)
     variance = sde.sigma(t) ** 2 - sde.sigma(torch.zeros((), dtype=torch.float64)) ** 2
     assert torch.allclose(torch.cumsum(G**2, 0), variance)
+
+
+def test_record_sees_every_step_and_the_samplers_keep_x_on_its_device():
+    """record(t, x) sees x(T) and x after each of the N steps; the noise is drawn on x's device
+    (here float64 on the CPU: the state keeps its dtype and device) by the given generator."""
+    sde, n_steps, eps = m.VPSDE(0.1, 20.0), 5, 1e-3
+    score = gaussian_score(sde, torch.zeros(2), torch.ones(2))
+    x_T = sde.prior_sampling((7, 2), torch.Generator().manual_seed(0)).double()
+    seen = []
+    x, nfe = m.sample_sde(score, sde, x_T, n_steps, eps, "rd", 0.16,
+                          torch.Generator().manual_seed(1),
+                          record=lambda t, y: seen.append((t, y.clone())))
+    assert nfe == 2 * n_steps + 1 and x.dtype == torch.float64 and x.shape == (7, 2)
+    ts = [1 - i * (1 - eps) / n_steps for i in range(n_steps + 1)]
+    assert [t for t, _ in seen] == pytest.approx(ts)
+    assert torch.equal(seen[0][1], x_T)
+    again, _ = m.sample_sde(score, sde, x_T, n_steps, eps, "rd", 0.16,
+                            torch.Generator().manual_seed(1))
+    assert torch.equal(again, x)  # record only looks
+    frames = []
+    m.sample_ode(score, sde, x_T.float(), eps, 1e-3, 1e-3, record=lambda t, y: frames.append(t))
+    assert frames[0] == 1.0 and frames[-1] == pytest.approx(eps) and len(frames) > 2
+
+
+def test_sde_classes_declare_their_interface_and_sub_vp_does_not_undo_vp():
+    base = m.SDE()
+    for call in (lambda: base.sde(torch.zeros(1, 1), torch.zeros(1)),
+                 lambda: base.std(torch.zeros(1)), lambda: base.mean_coeff(torch.zeros(1))):
+        with pytest.raises(NotImplementedError):
+            call()
+    assert not issubclass(m.SubVPSDE, m.VPSDE)
+    t = torch.full((3,), 0.5)
+    for make in SDES.values():  # each provides what SDE asks for
+        sde = make()
+        drift, g = sde.sde(torch.ones(3, 2), t)
+        assert drift.shape == (3, 2) and g.shape == sde.std(t).shape == sde.mean_coeff(t).shape
+        assert sde.prior_std > 0
+    # sub-VP keeps the base class's Euler-Maruyama chain and alpha_i = 1
+    assert m.SubVPSDE.discretize is m.SDE.discretize
+    assert m.SubVPSDE.corrector_alpha is m.SDE.corrector_alpha
+
+
+def test_method_functions_work_copied_out_alone():
+    """VPSDE, sample_sde and dsm_loss with the helpers they name, in a namespace holding only
+    math, numpy, torch and scipy: no common, nothing else from the script."""
+    names = ["bcast", "SDE", "LinearBetaSDE", "VPSDE", "reverse_drift", "euler_maruyama_step",
+             "reverse_diffusion_step", "langevin_corrector", "tweedie_denoise", "sample_sde",
+             "dsm_loss"]
+    header = ("from __future__ import annotations\nimport math\nimport numpy as np\n"
+              "import torch\nfrom scipy import integrate\n\n")
+    ns = {}
+    exec(header + "\n\n".join(inspect.getsource(getattr(m, n)) for n in names), ns)
+    sde = ns["VPSDE"](0.1, 20.0)
+    mu, s = torch.tensor([1.0, -0.5]), torch.tensor([0.5, 1.0])
+    score = gaussian_score(sde, mu, s)
+    gen = torch.Generator().manual_seed(4)
+    x_T = sde.prior_sampling((4000, 2), gen)
+    x, nfe = ns["sample_sde"](score, sde, x_T, 200, 1e-3, "rd", 0.16, generator=gen)
+    assert nfe == 401
+    assert torch.allclose(x.mean(0), mu, atol=0.06)
+    assert torch.allclose(x.std(0) / s, torch.ones(2), atol=0.06)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    score_fn = lambda y, t: net(y) / ns["bcast"](sde.std(t), y)
+    loss = ns["dsm_loss"](score_fn, sde, torch.randn(8, 1, 6, 6), 1e-5)
+    loss.backward()
+    assert torch.isfinite(loss) and net.weight.grad is not None
+
+
+def test_budget_fixes_the_step_count_and_resume_keeps_it(tiny_mnist, tmp_path):
+    """--minutes: the step count measured at the start is stored; --resume alone trains no more."""
+    out = tmp_path / "budget"
+    metrics = run(tiny_mnist, out, "--minutes", "0.01", "--lik-images", "0", "--no-judge")
+    steps = metrics["train"]["steps"]
+    assert steps >= 1 and json.loads((out / "config.json").read_text())["steps"] == steps
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["steps"] == steps
+    assert "train" not in run(tiny_mnist, out, "--resume", "--lik-images", "0", "--no-judge")

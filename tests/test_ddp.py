@@ -43,3 +43,17 @@ def test_an_error_on_one_rank_ends_every_rank(stem, tiny_mnist, tmp_path):
     for rank in (0, 1):
         assert f"error: [rank {rank}] --out" in proc.stderr, proc.stderr[-3000:]
     assert f'{stem}.py", line' not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sde_two_processes_train_in_sync_and_rank_0_alone_evaluates(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun([str(ROOT / "06_sde_mnist.py"), "--preset", "smoke", "--device", "cpu",
+                     "--data-dir", str(tiny_mnist), "--out", str(out), "--no-judge",
+                     "--lik-images", "0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ddp"] == {"world_size": 2, "param_max_abs_diff": 0.0}
+    # rank 0 sampled the whole n_samples on its own (no share per rank, no gather)
+    assert metrics["samplers"]["em"]["n"] == 8 and proc.stdout.count("Euler-Maruyama: 8") == 1

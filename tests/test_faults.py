@@ -86,7 +86,7 @@ def test_06_ctrl_c_then_resume_is_the_same_run_and_resume_keeps_the_run(
             sde.main(base + ["--out", str(tmp_path / "cut")])
     metrics = sde.main(["--resume", "--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist),
                         "--lik-images", "0", "--no-judge"])
-    assert metrics["steps"] == 6
+    assert metrics["train"]["steps"] == 6 and metrics["train"]["steps_this_run"] == 4
     a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "cut")
     for key in ("model", "ema", "optimizer", "losses", "step", "rng_state"):
         assert equal_states(a[key], b[key]), key
@@ -95,14 +95,20 @@ def test_06_ctrl_c_then_resume_is_the_same_run_and_resume_keeps_the_run(
     # the run are refused; --steps extends it
     out = ["--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist), "--lik-images", "0",
            "--no-judge"]
-    assert "train_seconds" not in sde.main(["--resume", *out])
+    assert "train" not in sde.main(["--resume", *out])
     refused = ((["--preset", "cpu"], "preset"), (["--lr", "1"], "lr"),
                (["--batch-size", "4"], "batch_size"), (["--sde", "ve"], "sde"),
-               (["--seed", "3"], "seed"), (["--steps", "5"], "at step 6"))
+               (["--seed", "3"], "seed"), (["--steps", "5"], "at step 6"),
+               (["--minutes", "3"], "minutes"), (["--base", "4"], "base"))
     for flags, word in refused:
-        with pytest.raises(common.UserError, match=word):
+        with pytest.raises(common.UserError, match=word) as err:
             sde.main(["--resume", *out, *flags])
-    assert sde.main(["--resume", "--steps", "7", *out])["steps"] == 7
+        assert "\n" not in str(err.value)
+    # what happens after training may change: another sampler, its steps, no likelihood
+    free = sde.main(["--resume", *out, "--sampler", "pc", "--n-steps", "2", "--snr", "0.1"])
+    assert "train" not in free and free["samplers"]["pc"]["nfe"] == 5
+    assert ckpt(tmp_path / "cut")["config"]["sampler"] == "em"
+    assert sde.main(["--resume", "--steps", "7", *out])["train"]["steps"] == 7
 
 
 @pytest.mark.parametrize("stem", STEMS[1:])

@@ -2,12 +2,15 @@
 Gaussian data (whose optimal noise predictor is analytic), the bound's decomposition, learning on
 tiny data, and the script end to end (smoke, --resume, --sample-only, data loading)."""
 
+import ast
+import inspect
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import ROOT, load_script
 
 ddpm = load_script("05_ddpm_mnist")
 
@@ -92,18 +95,21 @@ def predicted_moments(S, sampler, sigma="beta", steps=1000, eta=0.0):
 def test_ddim_eta1_is_ancestral_and_samplers_match_known_moments():
     S, shape = ddpm.make_schedule("linear", 1000), (4000, 1, 2, 2)
     model = gaussian_eps_model(S)
-    anc, _ = ddpm.sample_ancestral(model, shape, S, "posterior", torch.Generator().manual_seed(1))
-    ddim1, _ = ddpm.sample_ddim(model, shape, S, 1000, eta=1.0, generator=torch.Generator().manual_seed(1))
+    gen = lambda seed: torch.Generator().manual_seed(seed)
+    x_T = lambda g: torch.randn(shape, generator=g)  # the sampler's generator draws x_T first
+    g1, g2 = gen(1), gen(1)
+    anc = ddpm.sample_ancestral(model, x_T(g1), S, "posterior", g1)
+    ddim1 = ddpm.sample_ddim(model, x_T(g2), S, 1000, eta=1.0, generator=g2)
     # same noise -> the same path: DDIM's eta = 1 update is Algorithm 2 with sigma_t^2 = beta~_t
     assert torch.allclose(anc, ddim1, atol=1e-4)
     assert predicted_moments(S, "ddim", steps=1000, eta=1.0) == pytest.approx(
         predicted_moments(S, "ancestral", "posterior"), rel=1e-9)
-    gen = lambda seed: torch.Generator().manual_seed(seed)
+    g2, g3, g4 = gen(2), gen(3), gen(4)
     runs = {
         ("ancestral", "posterior", 1000, 1.0): anc,
-        ("ancestral", "beta", 1000, 0.0): ddpm.sample_ancestral(model, shape, S, "beta", gen(2))[0],
-        ("ddim", "", 100, 1.0): ddpm.sample_ddim(model, shape, S, 100, 1.0, generator=gen(3))[0],
-        ("ddim", "", 50, 0.0): ddpm.sample_ddim(model, shape, S, 50, 0.0, generator=gen(4))[0],
+        ("ancestral", "beta", 1000, 0.0): ddpm.sample_ancestral(model, x_T(g2), S, "beta", g2),
+        ("ddim", "", 100, 1.0): ddpm.sample_ddim(model, x_T(g3), S, 100, 1.0, generator=g3),
+        ("ddim", "", 50, 0.0): ddpm.sample_ddim(model, x_T(g4), S, 50, 0.0, generator=g4),
     }
     for (sampler, sigma, steps, eta), x in runs.items():
         m, sd = predicted_moments(S, sampler, sigma, steps, eta)
@@ -161,7 +167,7 @@ def test_bound_decomposition_on_a_tiny_model():
 def test_loss_falls_on_tiny_data(tiny_mnist):
     torch.manual_seed(0)
     x = ddpm.load_images("mnist", tiny_mnist, train=True)
-    cfg = ddpm.make_config(ddpm.PRESETS["smoke"])
+    cfg = ddpm.Config(**ddpm.PRESETS["smoke"])
     S, model = ddpm.make_schedule("linear", 1000), ddpm.build_model(cfg)
     t_fix, eps_fix = torch.randint(1, 1001, (64,)), torch.randn_like(x)
 
@@ -189,6 +195,9 @@ def test_loads_idx_files_through_torchvision(tiny_mnist):
     assert ddpm.load_images("mnist", tiny_mnist, train=False).shape == (16, 1, 28, 28)
 
 
+CKPT_KEYS = {"model", "ema", "optimizer", "step", "config", "preset", "seed", "losses", "rng_state"}
+
+
 def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     args = ["--preset", "smoke", "--data-dir", str(tiny_mnist), "--out", str(out)]
@@ -198,13 +207,18 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
         assert (out / name).stat().st_size > 0, name
     samples = torch.load(out / "samples.pt")
     assert samples.shape == (8, 1, 28, 28) and torch.isfinite(samples).all()
-    assert metrics["train"]["steps"] == 4 and math.isfinite(metrics["bound"]["bpd_sigma_beta"])
+    train = metrics["train"]
+    assert train["steps"] == train["steps_this_run"] == 4 and math.isfinite(train["final_loss"])
+    assert train["wall_s"] > 0 and train["steps_per_s"] > 0 and metrics["wall_s_total"] > 0
+    assert metrics["params"] > 0 and math.isfinite(metrics["bound"]["bpd_sigma_beta"])
+    assert metrics["samples"]["n"] == 8 and metrics["samples"]["samples_per_s"] > 0
     assert [row["sampler"] for row in metrics["sampler_table"]] == ["ancestral", "ddim"]
     judge = metrics["judge"]  # 8 samples: too few for FID, the shares are still given
     assert judge["n"] == 8 and judge["fid"] is None and 0 <= judge["confident"] <= 1
     assert len(judge["class_shares"]) == 10 and 0 <= judge["real_confident"] <= 1
+    assert CKPT_KEYS <= set(torch.load(out / "ckpt.pt", weights_only=True))
 
-    # --resume continues the same run: 4 + 4 steps give the losses of 8 steps in one go
+    # --resume --steps 8 extends the run: 4 + 4 steps give the losses of 8 steps in one go
     ddpm.main(args + ["--steps", "8", "--resume"])
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     ddpm.main(["--preset", "smoke", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "straight"),
@@ -222,12 +236,104 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 8
 
 
+def test_resume_keeps_the_run_and_takes_only_free_flags(tiny_mnist, tmp_path):
+    """The checkpoint decides the run: --resume alone trains no further than its own step count;
+    what happens after training may change; a flag that would change the run is one clear line."""
+    out = ["--out", str(tmp_path), "--data-dir", str(tiny_mnist)]
+    quick = ["--n-samples", "2", "--bound-images", "2", "--table", "(('ddim', 2),)", "--no-judge"]
+    ddpm.main(["--preset", "smoke", "--steps", "5", *out, *quick])
+    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    metrics = ddpm.main(["--resume", *out, *quick])
+    assert "train" not in metrics and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 5
+    metrics = ddpm.main(["--resume", *out, "--sampler", "ddim", "--sampling-steps", "3", "--eta", "0.5",
+                         "--sample-batch", "1", *quick])
+    assert metrics["samples"] == pytest.approx({**metrics["samples"], "steps": 3, "eta": 0.5, "n": 2})
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    refused = ((["--lr", "1"], "lr=0.001"), (["--T", "20"], "T=50"), (["--batch-size", "4"], "batch_size"),
+               (["--schedule", "cosine"], "schedule"), (["--minutes", "1"], "minutes"),
+               (["--preset", "cpu"], "preset"), (["--seed", "3"], "seed"), (["--steps", "2"], "at step 5"))
+    for flags, words in refused:
+        with pytest.raises(ddpm.common.UserError, match=words) as err:
+            ddpm.main(["--resume", *out, *flags])
+        assert "\n" not in str(err.value)
+
+
+def test_minutes_fix_the_step_count_at_the_start(tiny_mnist, tmp_path):
+    """--minutes: a few timed steps on throwaway copies give the step count, stored with the
+    config; the run itself is the one an exact --steps of that count gives, and resumes as such."""
+    base = ["--preset", "smoke", "--data-dir", str(tiny_mnist), "--n-samples", "2", "--bound-images",
+            "2", "--table", "(('ddim', 2),)", "--no-judge"]
+    run, exact = tmp_path / "run", tmp_path / "exact"
+    steps = ddpm.main(base + ["--out", str(run), "--minutes", "0.005"])["train"]["steps"]
+    config = json.loads((run / "config.json").read_text())
+    saved = torch.load(run / "ckpt.pt", weights_only=True)
+    assert steps >= 1 and config["steps"] == saved["config"]["steps"] == saved["step"] == steps
+    assert config["minutes"] == 0.005
+    ddpm.main(base + ["--out", str(exact), "--steps", str(steps)])
+    assert json.loads((exact / "config.json").read_text())["minutes"] == 0  # --steps is exact
+    assert saved["losses"] == torch.load(exact / "ckpt.pt", weights_only=True)["losses"]
+    assert "train" not in ddpm.main(base + ["--out", str(run), "--resume"])
+
+
 def test_user_errors(tmp_path):
     with pytest.raises(ddpm.common.UserError, match="no checkpoint"):
         ddpm.main(["--preset", "smoke", "--out", str(tmp_path / "none"), "--sample-only"])
     for eta in ("-1", "nan", "inf"):
         with pytest.raises(SystemExit):
             ddpm.main(["--preset", "smoke", "--out", str(tmp_path), "--eta", eta])
+    with pytest.raises(SystemExit):
+        ddpm.main(["--preset", "smoke", "--out", str(tmp_path), "--dataset", "cifar10"])
+    for flags, words in ((["--sampling-steps", "51"], "sampling-steps <= T = 50"),
+                         (["--bound-strata", "50"], "bound-strata"), (["--n-samples", "0"], "n-samples"),
+                         (["--table", "(('euler', 5),)"], "--table")):
+        with pytest.raises(ddpm.common.UserError, match=words):
+            ddpm.main(["--preset", "smoke", "--out", str(tmp_path), *flags])
+
+
+def test_method_functions_work_copied_out_alone():
+    """sample_ddim and loss_simple with the helpers they name, in a namespace holding only math,
+    numpy and torch: no common, nothing else from the script; the same numbers as the script's."""
+    names = ["make_schedule", "at", "q_sample", "predict_x0", "loss_simple", "sample_ddim"]
+    header = "from __future__ import annotations\nimport math\nimport numpy as np\nimport torch\n\n"
+    ns = {}
+    exec(header + "\n\n".join(inspect.getsource(getattr(ddpm, n)) for n in names), ns)
+    S = ns["make_schedule"]("linear", 100)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    model = lambda x, t: net(x) * ns["at"](S["alpha_bar"], t, x)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.manual_seed(0)
+    loss = ns["loss_simple"](model, x0, S)
+    torch.manual_seed(0)
+    assert torch.equal(loss, ddpm.loss_simple(model, x0, S))
+    loss.backward()
+    assert net.weight.grad.abs().sum() > 0
+    x_T, seen, runs = torch.randn(4, 1, 8, 8), [], []
+    for sample_ddim, record in ((ns["sample_ddim"], lambda t, x: seen.append(t)), (ddpm.sample_ddim, None)):
+        gen = torch.Generator().manual_seed(1)
+        runs.append(sample_ddim(model, x_T, S, 10, eta=1.0, clip_x0=True, generator=gen, record=record))
+    assert torch.equal(*runs) and seen == list(range(90, -1, -10))
+
+
+def test_ancestral_sampler_records_every_step_and_frames_go_through_record(tiny_mnist):
+    S, seen = ddpm.make_schedule("linear", 50), []
+    x = ddpm.sample_ancestral(gaussian_eps_model(S), torch.randn(3, 1, 2, 2), S,
+                              record=lambda t, x: seen.append((t, x.shape)))
+    assert seen == [(t, (3, 1, 2, 2)) for t in range(49, -1, -1)] and torch.isfinite(x).all()
+    # the caller's frames: x_T, then every T / 100 steps (here every step) of the first batch
+    cfg = ddpm.Config(**{**ddpm.PRESETS["smoke"], "sample_batch": 3})
+    samples, frames, secs = ddpm.draw_samples(gaussian_eps_model(S), "ancestral", 50, 5, cfg, S,
+                                              torch.device("cpu"), seed=0, keep=2)
+    assert samples.shape == (5, 1, 28, 28) and secs > 0
+    assert [t for t, _ in frames] == list(range(50, -1, -1)) and frames[0][1].shape == (2, 1, 28, 28)
+
+
+def test_lines_and_functions_are_short():
+    source = (ROOT / "05_ddpm_mnist.py").read_text()
+    assert max(len(line) for line in source.splitlines()) <= 100
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            assert node.end_lineno - node.lineno + 1 <= 60, node.name
 
 
 def test_discretized_decoder_is_the_normal_mass_of_each_bin():
@@ -275,7 +381,8 @@ def test_ddim_with_intermediate_eta_matches_its_gaussian_moments():
     eta enters squared: mean and std of the samples against the exact recursion."""
     S, shape = ddpm.make_schedule("linear", 1000), (40_000, 1, 2, 2)
     gen = torch.Generator().manual_seed(5)
-    x, _ = ddpm.sample_ddim(gaussian_eps_model(S), shape, S, 20, eta=0.5, generator=gen)
+    x = ddpm.sample_ddim(gaussian_eps_model(S), torch.randn(shape, generator=gen), S, 20, eta=0.5,
+                         generator=gen)
     m, sd = predicted_moments(S, "ddim", steps=20, eta=0.5)
     # 160k values: standard errors 0.0006 (mean) and 0.0004 (std)
     assert abs(x.mean().item() - m) < 0.003 and abs(x.std().item() - sd) < 0.0025

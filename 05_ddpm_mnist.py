@@ -326,8 +326,8 @@ def lr_at(step: int, cfg: Config) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     if not cfg.lr_decay:
         return cfg.lr
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / decay_steps))
 
 
 # -- training --------------------------------------------------------------------------------
@@ -345,6 +345,9 @@ def setup(args, dist, device) -> tuple:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"step": 0, "losses": [], "new": ckpt is None}
     if ckpt is not None:
+        if missing := {"model", "ema", "optimizer", "losses", "rng_state"} - ckpt.keys():
+            raise common.UserError(f"{args.out / 'ckpt.pt'} has no {', '.join(sorted(missing))} "
+                                   "(an older version wrote it); pass another --out")
         for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
             common.load_state(obj, ckpt[key], args.out / "ckpt.pt")
         state.update(step=ckpt["step"], losses=list(ckpt["losses"]))

@@ -3,6 +3,7 @@ Gaussian data (whose optimal noise predictor is analytic), the bound's decomposi
 tiny data, and the script end to end (smoke, --resume, --sample-only, data loading)."""
 
 import ast
+import dataclasses
 import inspect
 import json
 import math
@@ -289,6 +290,13 @@ def test_user_errors(tmp_path):
                          (["--table", "(('euler', 5),)"], "--table")):
         with pytest.raises(ddpm.common.UserError, match=words):
             ddpm.main(["--preset", "smoke", "--out", str(tmp_path), *flags])
+    # a checkpoint of an older layout (keys opt, rng) is refused in one line, not a KeyError
+    config = dataclasses.asdict(ddpm.Config(**ddpm.PRESETS["smoke"]))
+    older = dict(config=config, preset="smoke", seed=0, step=1, model={}, ema={}, opt={}, rng={},
+                 losses=[1.0])
+    ddpm.common.save_checkpoint(tmp_path / "older" / "ckpt.pt", older, ddpm.STEM)
+    with pytest.raises(ddpm.common.UserError, match="has no optimizer, rng_state .an older version"):
+        ddpm.main(["--out", str(tmp_path / "older"), "--resume", "--device", "cpu"])
 
 
 def test_method_functions_work_copied_out_alone():

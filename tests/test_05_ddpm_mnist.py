@@ -253,47 +253,40 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 8
 
 
-def test_resume_keeps_the_run_and_takes_only_free_flags(tiny_mnist, tmp_path):
-    """The checkpoint decides the run: --resume alone trains no further than its own step count;
-    what happens after training may change; a flag that would change the run is one clear line."""
-    out = ["--out", str(tmp_path), "--data-dir", str(tiny_mnist)]
-    quick = ["--n-samples", "2", "--bound-images", "2", "--table", "(('ddim', 2),)", "--no-judge"]
-    ddpm.main(["--preset", "smoke", "--steps", "5", *out, *quick])
-    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    metrics = ddpm.main(["--resume", *out, *quick])
-    assert "train" not in metrics
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 5
-    metrics = ddpm.main(["--resume", *out, "--sampler", "ddim", "--sampling-steps", "3", "--eta",
-                         "0.5", "--sample-batch", "1", *quick])
-    shown = {k: metrics["samples"][k] for k in ("sampler", "steps", "eta", "n")}
-    assert shown == {"sampler": "ddim", "steps": 3, "eta": 0.5, "n": 2}
-    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
-    refused = ((["--lr", "1"], "lr=0.001"), (["--T", "20"], "T=50"),
-               (["--batch-size", "4"], "batch_size"), (["--schedule", "cosine"], "schedule"),
-               (["--minutes", "1"], "minutes"), (["--preset", "cpu"], "preset"),
-               (["--seed", "3"], "seed"), (["--steps", "2"], "at step 5"))
-    for flags, words in refused:
-        with pytest.raises(ddpm.common.UserError, match=words) as err:
-            ddpm.main(["--resume", *out, *flags])
-        assert "\n" not in str(err.value)
-
-
-def test_minutes_fix_the_step_count_at_the_start(tiny_mnist, tmp_path):
+def test_minutes_fix_the_steps_and_resume_keeps_the_run(tiny_mnist, tmp_path):
     """--minutes: a few timed steps on throwaway copies give the step count, stored with the
-    config; the run itself is the one an exact --steps of that count gives, and resumes as such."""
-    base = ["--preset", "smoke", "--data-dir", str(tiny_mnist), "--n-samples", "2",
-            "--bound-images", "2", "--table", "(('ddim', 2),)", "--no-judge"]
+    config; the run is the one an exact --steps of that count gives. Then the checkpoint decides
+    the run: --resume alone trains no further; what happens after training may change; a flag that
+    would change the run is one clear line."""
     run, exact = tmp_path / "run", tmp_path / "exact"
-    steps = ddpm.main(base + ["--out", str(run), "--minutes", "0.005"])["train"]["steps"]
+    out = ["--out", str(run), "--data-dir", str(tiny_mnist)]
+    quick = ["--n-samples", "2", "--bound-images", "2", "--table", "(('ddim', 2),)", "--no-judge"]
+    steps = ddpm.main(["--preset", "smoke", "--minutes", "0.005", *out, *quick])["train"]["steps"]
     config = json.loads((run / "config.json").read_text())
     saved = torch.load(run / "ckpt.pt", weights_only=True)
     assert steps >= 1 and config["steps"] == saved["config"]["steps"] == saved["step"] == steps
     assert config["minutes"] == 0.005
-    ddpm.main(base + ["--out", str(exact), "--steps", str(steps)])
+    ddpm.main(["--preset", "smoke", "--steps", str(steps), "--out", str(exact),
+               "--data-dir", str(tiny_mnist), *quick])
     assert json.loads((exact / "config.json").read_text())["minutes"] == 0  # --steps is exact
     assert saved["losses"] == torch.load(exact / "ckpt.pt", weights_only=True)["losses"]
-    assert "train" not in ddpm.main(base + ["--out", str(run), "--resume"])
+
+    assert "train" not in ddpm.main(["--resume", *out])  # the free flags above were kept
+    metrics = ddpm.main(["--resume", *out, "--sampler", "ddim", "--sampling-steps", "3", "--eta",
+                         "0.5", "--sample-batch", "1", "--n-samples", "3"])
+    shown = {k: metrics["samples"][k] for k in ("sampler", "steps", "eta", "n")}
+    assert shown == {"sampler": "ddim", "steps": 3, "eta": 0.5, "n": 3}
+    after = torch.load(run / "ckpt.pt", weights_only=True)
+    assert after["step"] == steps
+    assert all(torch.equal(saved["model"][k], after["model"][k]) for k in saved["model"])
+    refused = ((["--lr", "1"], "lr=0.001"), (["--T", "20"], "T=50"),
+               (["--batch-size", "4"], "batch_size"), (["--schedule", "cosine"], "schedule"),
+               (["--minutes", "1"], "minutes"), (["--preset", "cpu"], "preset"),
+               (["--seed", "3"], "seed"), (["--steps", "0"], f"at step {steps}"))
+    for flags, words in refused:
+        with pytest.raises(ddpm.common.UserError, match=words) as err:
+            ddpm.main(["--resume", *out, *flags])
+        assert "\n" not in str(err.value)
 
 
 def test_user_errors(tmp_path):

@@ -20,11 +20,14 @@ def torchrun(args, tmp_path, timeout=300):
 def test_ddpm_two_processes_stay_in_sync(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     proc = torchrun([str(ROOT / "05_ddpm_mnist.py"), "--preset", "smoke", "--device", "cpu",
-                     "--data-dir", str(tiny_mnist), "--out", str(out)], tmp_path)
+                     "--data-dir", str(tiny_mnist), "--out", str(out), "--no-judge"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 alone writes: one checkpoint, no temporary files left behind
     assert sorted(p.name for p in out.glob("*.pt*")) == ["ckpt.pt", "samples.pt"]
     metrics = json.loads((out / "metrics.json").read_text())
+    # evaluation ran once, on rank 0: all the samples asked for, every test image of the bound
+    assert metrics["samples"]["n"] == 8 and metrics["bound"]["images"] == 4
+    assert proc.stdout.count("samples in") == 1, proc.stdout[-3000:]
     # each rank saw a different shard of the data, yet the all-reduced gradients kept the two
     # replicas' parameters bit-identical after every optimizer step
     assert metrics["ddp"]["world_size"] == 2

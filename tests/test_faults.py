@@ -62,7 +62,7 @@ def test_05_sigterm_then_resume_is_the_same_run_and_nan_keeps_the_good_checkpoin
     ddpm.main(["--resume", "--out", str(tmp_path / "cut"), "--data-dir", str(tiny_mnist),
                "--no-judge"])
     a, b = ckpt(tmp_path / "straight"), ckpt(tmp_path / "cut")
-    for key in ("model", "ema", "opt", "losses", "step", "rng"):
+    for key in ("model", "ema", "optimizer", "losses", "step", "rng_state"):
         assert equal_states(a[key], b[key]), key
 
     # a NaN loss at step 5 (checkpoints every 4 steps): ckpt.pt keeps the verified step 4

@@ -195,6 +195,9 @@ def run_config(args, config_cls, presets: dict, script: str, free: Sequence[str]
         return preset, _precision(make_config(config_cls, values), given, device, quiet), None
     path = args.out / "ckpt.pt"
     ckpt = load_checkpoint(path, script)  # on the CPU: RNG states stay CPU tensors
+    if not {"config", "preset", "seed", "step"} <= ckpt.keys():
+        raise UserError(f"{path} was written by an older version of {script}.py; pass another "
+                        "--out for a new run")
     saved = ckpt["config"]
     for key, value in {**given, "preset": args.preset, "seed": args.seed}.items():
         if value is None or value == saved.get(key, ckpt.get(key)) or key in free:
@@ -235,8 +238,9 @@ def _precision(cfg, given: dict, device: torch.device, quiet: bool):
 def budget_steps(minutes: float, model: nn.Module, opt: torch.optim.Optimizer,
                  loss_fn: Callable[[nn.Module], torch.Tensor], d=None, probe: int = 8) -> int:
     """Training steps that fit in `minutes`: a few steps of loss_fn with the optimiser's type
-    and settings on throwaway copies are timed (the run's model, optimiser and RNG untouched).
-    All ranks take the smallest count. The count is then fixed: stored with the run's config."""
+    and settings on throwaway copies are timed (the run's model, optimiser and RNG untouched;
+    clipping, EMA and data add a few percent). All ranks take the smallest count. The count is
+    then fixed: stored with the run's config."""
     import copy
 
     net = copy.deepcopy(model)

@@ -385,6 +385,9 @@ def test_resume_keeps_the_run_and_may_extend_it(tmp_path):
     ):
         with pytest.raises(common.UserError, match=match):
             _run(argv, tmp_path)
+    common.save_checkpoint(tmp_path / "ckpt.pt", {"config": saved["config"]}, "00_demo")
+    with pytest.raises(common.UserError, match="older version of 00_demo.py"):
+        _run(["--resume"], tmp_path)
     with pytest.raises(common.UserError, match="was written by 00_demo.py, not by 00_x.py"):
         common.run_config(args, Demo, PRESETS, "00_x", (), torch.device("cpu"))
 

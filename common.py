@@ -159,7 +159,8 @@ def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bo
     hints, helps = typing.get_type_hints(config_cls), _field_help(config_cls)
     for f in fields(config_cls):
         differ = {p: v[f.name] for p, v in presets.items() if v.get(f.name, f.default) != f.default}
-        shown = "; ".join([f"Config {f.default}"] + [f"{p} {v}" for p, v in differ.items()])
+        shown = "; ".join(f"{p} {v!r}" if isinstance(v, str) else f"{p} {v}"
+                          for p, v in {"Config": f.default, **differ}.items())
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                            help=f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%"),
                            **_flag_type(hints[f.name]))

@@ -335,7 +335,7 @@ def test_flags_are_generated_from_config(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for part in (
         "--schedule {linear,cosine}",
-        "beta schedule; paper: linear [Config linear]",
+        "beta schedule; paper: linear [Config 'linear']",
         "the width multipliers, one per level",
         "[Config 0.0002; cpu 0.001]",
         "100% of it",

@@ -60,3 +60,28 @@ def test_sde_two_processes_train_in_sync_and_rank_0_alone_evaluates(tiny_mnist, 
     assert metrics["ddp"] == {"world_size": 2, "param_max_abs_diff": 0.0}
     # rank 0 sampled the whole n_samples on its own (no share per rank, no gather)
     assert metrics["samplers"]["em"]["n"] == 8 and proc.stdout.count("Euler-Maruyama: 8") == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ncsn_trains_on_two_processes_and_evaluates_on_rank_0(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (tmp_path / "img" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype("uint8")).save(
+            tmp_path / "img" / "a" / f"{i}.png")
+    out = tmp_path / "run"
+    proc = torchrun([str(ROOT / "03_ncsn_cifar10.py"), "--preset", "smoke", "--device", "cpu",
+                     "--image-folder", str(tmp_path / "img"), "--minutes", "0.003",
+                     "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one budget for both ranks, measured once and stored; one evaluation, on rank 0
+    assert proc.stdout.count("--minutes 0.003:") == 1 and proc.stdout.count("held-out DSM") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert metrics["train"]["steps"] == config["steps"] >= 1
+    assert metrics["ddp"] == {"world_size": 2, "param_max_abs_diff": 0.0}
+    assert sorted(p.name for p in out.glob("*.pt*")) == ["ckpt.pt", "samples.pt"]

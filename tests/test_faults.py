@@ -1,7 +1,6 @@
 """Faults and bad inputs: --resume continues the checkpoint's run bit for bit after Ctrl-C or
 SIGTERM, checkpoints never hold diverged weights, and mistakes end with one clear error."""
 
-import argparse
 import os
 import signal
 import shutil
@@ -161,8 +160,8 @@ def test_03_skips_a_truncated_jpeg_and_checks_its_flags(tmp_path, capsys):
         Image.fromarray(img).save(tmp_path / "img" / "a" / f"{i}.jpg")
     bad = tmp_path / "img" / "a" / "3.jpg"
     bad.write_bytes(bad.read_bytes()[:200])
-    args = argparse.Namespace(image_folder=tmp_path / "img", test_folder=None, data_dir=tmp_path)
-    train, test = m.load_data(args, m.Config(image_size=8, n_test=2))
+    cfg = m.Config(image_folder=str(tmp_path / "img"), image_size=8, n_test=2)
+    train, test = m.load_data(cfg, tmp_path)
     assert len(train) + len(test) == 11 and "skipping" in capsys.readouterr().out
     flags = ["--preset", "smoke", "--device", "cpu", "--image-folder", str(tmp_path / "img")]
     with pytest.raises(common.UserError, match="image-size 1 is too small"):

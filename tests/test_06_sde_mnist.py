@@ -11,7 +11,11 @@ from conftest import load_script
 
 m = load_script("06_sde_mnist")
 
-SDES = {"ve": lambda: m.VESDE(0.01, 5.0), "vp": lambda: m.VPSDE(0.1, 20.0), "subvp": lambda: m.SubVPSDE(0.1, 20.0)}
+SDES = {
+    "ve": lambda: m.VESDE(0.01, 5.0),
+    "vp": lambda: m.VPSDE(0.1, 20.0),
+    "subvp": lambda: m.SubVPSDE(0.1, 20.0),
+}
 
 
 def gaussian_score(sde, mu, s):
@@ -29,7 +33,8 @@ def test_marginal_prob_matches_monte_carlo_of_the_forward_sde(name):
     torch.manual_seed(0)
     sde, n, steps = SDES[name](), 20_000, 1000
     x0 = torch.full((n, 1), 0.8)
-    # The VE kernel of Eq. 29 treats x(0) as data already perturbed by sigma_min (the paper's convention).
+    # The VE kernel of Eq. 29 treats x(0) as data already perturbed by sigma_min (the paper's
+    # convention).
     x = x0 + (sde.sigma_min * torch.randn_like(x0) if name == "ve" else 0)
     dt, checks = 1.0 / steps, {100: 0.1, 500: 0.5, 1000: 1.0}
     for i in range(1, steps + 1):
@@ -38,7 +43,8 @@ def test_marginal_prob_matches_monte_carlo_of_the_forward_sde(name):
         if i in checks:
             t = torch.full((n,), checks[i])
             mean, std = sde.marginal_prob(x0, t)
-            # Monte-Carlo s.e. of the mean is std / sqrt(n) < 0.6% of std; Euler-Maruyama's bias is O(dt).
+            # Monte-Carlo s.e. of the mean is std / sqrt(n) < 0.6% of std; Euler-Maruyama's bias is
+            # O(dt).
             assert abs(x.mean() - mean.mean()) < 0.02 * float(std[0]) + 0.01
             assert abs(x.std() / std[0] - 1) < 0.03
 
@@ -46,13 +52,16 @@ def test_marginal_prob_matches_monte_carlo_of_the_forward_sde(name):
 @pytest.mark.parametrize("name", ["ve", "vp", "subvp"])
 def test_probability_flow_likelihood_of_a_gaussian_matches_the_closed_form(name):
     torch.manual_seed(1)
-    sde = {"ve": m.VESDE(0.01, 50.0), "vp": m.VPSDE(0.1, 20.0), "subvp": m.SubVPSDE(0.1, 20.0)}[name]
+    sde = {"ve": m.VESDE(0.01, 50.0), "vp": m.VPSDE(0.1, 20.0), "subvp": m.SubVPSDE(0.1, 20.0)}[
+        name
+    ]
     mu, s, eps = torch.zeros(4), torch.tensor([0.3, 0.7, 1.0, 1.5]), 1e-5
     x = mu + s * torch.randn(6, 4)
     logp, _, nfe = m.ode_log_likelihood(gaussian_score(sde, mu, s), sde, x, eps, 1e-6, 1e-6)
     var = sde.mean_coeff(torch.tensor(eps)) ** 2 * s**2 + sde.std(torch.tensor(eps)) ** 2
     exact = torch.distributions.Normal(mu, var.sqrt()).log_prob(x).sum(1)
-    # The only gaps are the ODE tolerance and p_T != prior (relative 1e-4 in variance): far below 0.01 nats.
+    # The only gaps are the ODE tolerance and p_T != prior (relative 1e-4 in variance): far below
+    # 0.01 nats.
     assert torch.allclose(logp, exact, atol=1e-2), (logp, exact)
     assert nfe > 10
 
@@ -74,51 +83,96 @@ def test_hutchinson_estimator_is_unbiased_on_a_small_jacobian():
     assert torch.allclose(est_diag, torch.cos(x0).sum().expand(8), atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler,name", [("em", "vp"), ("pc", "vp"), ("rd", "vp"), ("ode", "vp"), ("em", "subvp"),
-                                          ("pc", "ve"), ("em", "ve")])
+@pytest.mark.parametrize(
+    "sampler,name",
+    [
+        ("em", "vp"),
+        ("pc", "vp"),
+        ("rd", "vp"),
+        ("ode", "vp"),
+        ("em", "subvp"),
+        ("pc", "ve"),
+        ("em", "ve"),
+    ],
+)
 def test_samplers_reach_the_moments_of_a_gaussian_with_its_exact_score(sampler, name):
-    sde = {"ve": m.VESDE(0.01, 10.0), "vp": m.VPSDE(0.1, 20.0), "subvp": m.SubVPSDE(0.1, 20.0)}[name]
+    sde = {"ve": m.VESDE(0.01, 10.0), "vp": m.VPSDE(0.1, 20.0), "subvp": m.SubVPSDE(0.1, 20.0)}[
+        name
+    ]
     mu, s, n = torch.tensor([1.0, -0.5]), torch.tensor([0.5, 1.0]), 4000
-    score, gen, eps = gaussian_score(sde, mu, s), torch.Generator().manual_seed(3), m.SAMPLE_EPS[name]
+    score, gen, eps = (
+        gaussian_score(sde, mu, s),
+        torch.Generator().manual_seed(3),
+        m.SAMPLE_EPS[name],
+    )
     x_T = sde.prior_sampling((n, 2), gen)
     if sampler == "ode":
         x, nfe = m.sample_ode(score, sde, x_T, eps, 1e-4, 1e-4)
     else:
-        x, nfe = m.sample_sde(score, sde, x_T, 200, eps, "rd" if sampler in ("rd", "pc") else "em",
-                              0.16 if sampler == "pc" else None, generator=gen)
+        x, nfe = m.sample_sde(
+            score,
+            sde,
+            x_T,
+            200,
+            eps,
+            "rd" if sampler in ("rd", "pc") else "em",
+            0.16 if sampler == "pc" else None,
+            generator=gen,
+        )
     # s.e. of the mean <= 1/sqrt(4000) = 0.016, of the std about 1.1%; N = 200 steps add ~1% bias.
     assert torch.allclose(x.mean(0), mu, atol=0.06), x.mean(0)
     assert torch.allclose(x.std(0) / s, torch.ones(2), atol=0.06), x.std(0)
 
 
 def test_bits_per_dim_of_a_uniform_density_is_eight():
-    # p(x) = 2^-D on [-1, 1]^D is the uniform dequantisation of equiprobable bytes: exactly 8 bits/dim.
+    # p(x) = 2^-D on [-1, 1]^D is the uniform dequantisation of equiprobable bytes: exactly 8
+    # bits/dim.
     assert float(m.bits_per_dim(torch.tensor([-784 * math.log(2.0)]), 784)) == pytest.approx(8.0)
 
 
 def run(tiny, out, *extra):
-    return m.main(["--preset", "smoke", "--data-dir", str(tiny), "--out", str(out), "--device", "cpu", *extra])
+    return m.main(
+        ["--preset", "smoke", "--data-dir", str(tiny), "--out", str(out), "--device", "cpu", *extra]
+    )
 
 
 def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     metrics = run(tiny_mnist, out, "--steps", "20")
-    for f in ["config.json", "ckpt.pt", "samples.png", "samples.pt", "loss.png", "metrics.json", "samplers.png",
-              "trajectories.png", "reverse.gif", "marginals.png"]:
+    for f in [
+        "config.json",
+        "ckpt.pt",
+        "samples.png",
+        "samples.pt",
+        "loss.png",
+        "metrics.json",
+        "samplers.png",
+        "trajectories.png",
+        "reverse.gif",
+        "marginals.png",
+    ]:
         assert (out / f).exists(), f
     x = torch.load(out / "samples.pt")
     assert x.shape == (8, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
-    assert set(metrics["samplers"]) == {"em", "rd", "pc", "ode"} and metrics["likelihood"]["nfe"] > 0
+    assert (
+        set(metrics["samplers"]) == {"em", "rd", "pc", "ode"} and metrics["likelihood"]["nfe"] > 0
+    )
     for name, result in metrics["samplers"].items():  # each sampler judged; 8 samples: no FID
         assert result["judge"]["n"] == 8 and result["judge"]["fid"] is None, name
     assert metrics["judge"] == metrics["samplers"]["em"]["judge"]
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 20
-    assert set(metrics["train"]) == {"steps", "steps_this_run", "wall_s", "steps_per_s",
-                                     "final_loss"}
+    assert set(metrics["train"]) == {
+        "steps",
+        "steps_this_run",
+        "wall_s",
+        "steps_per_s",
+        "final_loss",
+    }
     assert {"n", "nfe", "wall_s", "samples_per_s"} <= set(metrics["samplers"]["pc"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     losses = ckpt["losses"]
-    # Eq. 7's loss starts near 1 (the network outputs ~0, so the loss is E z^2); measured ~0.5 after 20 steps.
+    # Eq. 7's loss starts near 1 (the network outputs ~0, so the loss is E z^2); measured ~0.5 after
+    # 20 steps.
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:3]) / 3, losses
 
     metrics = run(tiny_mnist, out, "--resume", "--steps", "23", "--lik-images", "0")
@@ -126,8 +180,9 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
     assert ckpt["step"] == 23 and len(ckpt["losses"]) == 23 and "likelihood" not in metrics
 
     before = torch.load(out / "ckpt.pt", weights_only=True)["model"]
-    metrics = run(tiny_mnist, out, "--sample-only", "--lik-images", "0", "--sampler", "ode",
-                  "--no-judge")
+    metrics = run(
+        tiny_mnist, out, "--sample-only", "--lik-images", "0", "--sampler", "ode", "--no-judge"
+    )
     assert "train" not in metrics and metrics["sampler"] == "ode" and "judge" not in metrics
     after = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -136,7 +191,9 @@ def test_smoke_run_resume_and_sample_only(tiny_mnist, tmp_path):
 def test_ve_sets_sigma_max_by_the_largest_pairwise_distance(tiny_mnist, tmp_path):
     metrics = run(tiny_mnist, tmp_path / "ve", "--sde", "ve", "--lik-images", "0", "--n-steps", "2")
     x = m.to_model_space(m.load_mnist(tiny_mnist, train=True))
-    assert metrics["sigma_max"] == pytest.approx(float(torch.cdist(x.flatten(1), x.flatten(1)).max()), rel=1e-4)
+    assert metrics["sigma_max"] == pytest.approx(
+        float(torch.cdist(x.flatten(1), x.flatten(1)).max()), rel=1e-4
+    )
 
 
 def test_user_errors(tiny_mnist, tmp_path):
@@ -172,8 +229,11 @@ def test_langevin_corrector_step_size_of_algorithms_4_and_5():
     score = lambda y, t: -2.0 * y
     t, dt, snr = torch.full((64,), 0.7), 0.01, 0.16
     vp = m.VPSDE(0.1, 20.0)
-    for sde, alpha in ((vp, 1 - vp.discrete_beta(t, dt)), (m.VESDE(0.01, 5.0), torch.ones(64)),
-                       (m.SubVPSDE(0.1, 20.0), torch.ones(64))):
+    for sde, alpha in (
+        (vp, 1 - vp.discrete_beta(t, dt)),
+        (m.VESDE(0.01, 5.0), torch.ones(64)),
+        (m.SubVPSDE(0.1, 20.0), torch.ones(64)),
+    ):
         out = m.langevin_corrector(score, sde, x, t, dt, snr, torch.Generator().manual_seed(1))
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
         ratio = z.norm(dim=1).mean() / score(x, t).norm(dim=1).mean()
@@ -235,15 +295,24 @@ def test_record_sees_every_step_and_the_samplers_keep_x_on_its_device():
     score = gaussian_score(sde, torch.zeros(2), torch.ones(2))
     x_T = sde.prior_sampling((7, 2), torch.Generator().manual_seed(0)).double()
     seen = []
-    x, nfe = m.sample_sde(score, sde, x_T, n_steps, eps, "rd", 0.16,
-                          torch.Generator().manual_seed(1),
-                          record=lambda t, y: seen.append((t, y.clone())))
+    x, nfe = m.sample_sde(
+        score,
+        sde,
+        x_T,
+        n_steps,
+        eps,
+        "rd",
+        0.16,
+        torch.Generator().manual_seed(1),
+        record=lambda t, y: seen.append((t, y.clone())),
+    )
     assert nfe == 2 * n_steps + 1 and x.dtype == torch.float64 and x.shape == (7, 2)
     ts = [1 - i * (1 - eps) / n_steps for i in range(n_steps + 1)]
     assert [t for t, _ in seen] == pytest.approx(ts)
     assert torch.equal(seen[0][1], x_T)
-    again, _ = m.sample_sde(score, sde, x_T, n_steps, eps, "rd", 0.16,
-                            torch.Generator().manual_seed(1))
+    again, _ = m.sample_sde(
+        score, sde, x_T, n_steps, eps, "rd", 0.16, torch.Generator().manual_seed(1)
+    )
     assert torch.equal(again, x)  # record only looks
     frames = []
     m.sample_ode(score, sde, x_T.float(), eps, 1e-3, 1e-3, record=lambda t, y: frames.append(t))
@@ -252,8 +321,11 @@ def test_record_sees_every_step_and_the_samplers_keep_x_on_its_device():
 
 def test_sde_classes_declare_their_interface_and_sub_vp_does_not_undo_vp():
     base = m.SDE()
-    for call in (lambda: base.sde(torch.zeros(1, 1), torch.zeros(1)),
-                 lambda: base.std(torch.zeros(1)), lambda: base.mean_coeff(torch.zeros(1))):
+    for call in (
+        lambda: base.sde(torch.zeros(1, 1), torch.zeros(1)),
+        lambda: base.std(torch.zeros(1)),
+        lambda: base.mean_coeff(torch.zeros(1)),
+    ):
         with pytest.raises(NotImplementedError):
             call()
     assert not issubclass(m.SubVPSDE, m.VPSDE)
@@ -271,11 +343,23 @@ def test_sde_classes_declare_their_interface_and_sub_vp_does_not_undo_vp():
 def test_method_functions_work_copied_out_alone():
     """VPSDE, sample_sde and dsm_loss with the helpers they name, in a namespace holding only
     math, numpy, torch and scipy: no common, nothing else from the script."""
-    names = ["bcast", "SDE", "LinearBetaSDE", "VPSDE", "reverse_drift", "euler_maruyama_step",
-             "reverse_diffusion_step", "langevin_corrector", "tweedie_denoise", "sample_sde",
-             "dsm_loss"]
-    header = ("from __future__ import annotations\nimport math\nimport numpy as np\n"
-              "import torch\nfrom scipy import integrate\n\n")
+    names = [
+        "bcast",
+        "SDE",
+        "LinearBetaSDE",
+        "VPSDE",
+        "reverse_drift",
+        "euler_maruyama_step",
+        "reverse_diffusion_step",
+        "langevin_corrector",
+        "tweedie_denoise",
+        "sample_sde",
+        "dsm_loss",
+    ]
+    header = (
+        "from __future__ import annotations\nimport math\nimport numpy as np\n"
+        "import torch\nfrom scipy import integrate\n\n"
+    )
     ns = {}
     exec(header + "\n\n".join(inspect.getsource(getattr(m, n)) for n in names), ns)
     sde = ns["VPSDE"](0.1, 20.0)

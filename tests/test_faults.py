@@ -2,8 +2,8 @@
 SIGTERM, checkpoints never hold diverged weights, and mistakes end with one clear error."""
 
 import os
-import signal
 import shutil
+import signal
 
 import pytest
 import torch

@@ -264,14 +264,14 @@ def tweedie_denoise(x: torch.Tensor, score: torch.Tensor, sigma: float) -> torch
 def annealed_langevin(score_fn, x: torch.Tensor, sigmas: torch.Tensor, eps: float, T: int,
                       denoise: bool = True, record=None) -> torch.Tensor:
     """Algorithm 1 (annealed Langevin dynamics) from x, with alpha_i = eps sigma_i^2 / sigma_L^2,
-    then the denoising step; record(i, x), if given, sees x after the T steps of level i."""
+    then the denoising step; record(i, t, x), if given, sees x after step t of level i."""
     for i in range(len(sigmas)):
         sigma = sigmas[i].expand(len(x)).to(x.device)
         alpha = eps * (sigmas[i] / sigmas[-1]).item() ** 2
-        for _ in range(T):
+        for t in range(T):
             x = langevin_step(x, score_fn(x, sigma), alpha, torch.randn_like(x))
-        if record is not None:
-            record(i, x)
+            if record is not None:
+                record(i, t, x)
     if denoise:
         sigma_L = sigmas[-1].expand(len(x)).to(x.device)
         x = tweedie_denoise(x, score_fn(x, sigma_L), sigmas[-1].item())
@@ -416,10 +416,10 @@ def evaluate(cfg: Config, seed: int, sched: dict, sigmas, ema, train, test,
     snap_levels = sorted({round(v) for v in np.linspace(0, len(sigmas) - 1, 9)})
     snaps, bar = [], tqdm(total=len(sigmas), desc="annealed Langevin", mininterval=2)
 
-    def record(i, x):
-        bar.update(1)
-        if i in snap_levels:
-            snaps.append(x[:8].cpu())
+    def record(i, t, x):  # at the end of each level: the bar, and the strip's snapshots
+        if t == sched["T"] - 1:
+            bar.update(1)
+            snaps.extend([x[:8].cpu()] if i in snap_levels else [])
 
     t0 = time.time()
     samples = annealed_langevin(score, x0, sigmas, sched["eps"], sched["T"], record=record).cpu()

@@ -130,7 +130,7 @@ def test_annealed_langevin_matches_the_gaussian_recursion():
     eps = m.solve_step_size((5.0 / sigma_L) ** (1 / 11), sigma_L, T)
     exact = lambda y, sig: -y / (s**2 + sig.view(-1, 1, 1, 1) ** 2)
     snaps = []
-    record = lambda i, y: snaps.append(i) if i in (0, 11) else None
+    record = lambda i, t, y: snaps.append((i, t)) if i in (0, 11) and t == T - 1 else None
     x = m.annealed_langevin(exact, torch.rand(4000, 1, 2, 2, dtype=torch.float64), sigmas, eps, T,
                             record=record)
     mean, q = 0.5, 1 / 12
@@ -139,7 +139,7 @@ def test_annealed_langevin_matches_the_gaussian_recursion():
         for _ in range(T):
             mean, q = (1 - alpha / v) * mean, (1 - alpha / v) ** 2 * q + 2 * alpha
     shrink = s**2 / (s**2 + sigma_L**2)
-    assert snaps == [0, 11]  # record sees every level
+    assert snaps == [(0, T - 1), (11, T - 1)]  # record sees every step of every level
     # 16,000 values: relative s.e. 1.1%
     assert x.var().item() == pytest.approx(shrink**2 * q, rel=0.05)
     assert x.mean().item() == pytest.approx(shrink * mean, abs=0.02)

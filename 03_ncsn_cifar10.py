@@ -18,8 +18,8 @@ sigmas.png (Techniques 2 and 4: the schedule and the two equations solved),
 dsm_per_level.png (held-out DSM loss per noise level).
 
 Time: `--preset cpu` (16x16 images, a 1.5M-parameter U-Net) takes about 15 minutes on a
-2-core CPU, 12 of them training (the step count that fits is measured at the start: 750 steps
-on an AVX2-only CPU in fp32, about 1,700 with bf16 kernels), and gives coherent colour layouts,
+2-core CPU, 12 of them training (the step count that fits is measured at the start: 750-820 steps
+on AVX2-only CPUs in fp32, about 1,700 with bf16 kernels), and gives coherent colour layouts,
 not CIFAR-quality objects; `--preset gpu` is the paper's 32x32 setting (CIFAR-10 needs about a
 day of one GPU for the paper's 300k steps). The paper used a RefineNet (NCSNv2's ResNet with
 dilated convolutions and RefineNet blocks). Here `common.UNet` without a time embedding plays

@@ -100,9 +100,10 @@ PRESETS = {
                   steps=6, warmup=2, lr=1e-3, ema_decay=0.9, sampler="ddim", sampling_steps=5,
                   n_samples=8, sample_batch=8, table=(("ancestral", 50), ("ddim", 5)), table_n=4,
                   bound_images=4, bound_strata=3, log_every=2, ckpt_every=4),
-    # 12 minutes of training on 2 CPU cores (1,100 steps in fp32 on an AVX2 EPYC, about 2,700
-    # with bf16 kernels); tuned for digits per CPU-minute (docs/05_ddpm_mnist.md): a narrow 28x28
-    # level buys twice the steps of a uniform width-32 net, the extra depth goes to 7x7
+    # 12 minutes of training on 2 CPU cores (1,100-1,600 steps in fp32 on AVX2 EPYCs, about
+    # 2,700 with bf16 kernels); tuned for digits per CPU-minute (docs/05_ddpm_mnist.md): a
+    # narrow 28x28 level buys twice the steps of a uniform width-32 net, the extra depth goes
+    # to 7x7
     "cpu": dict(base=16, mults=(1, 2, 4), num_res_blocks=(1, 1, 2), attn_levels=(2,), dropout=0.0,
                 batch_size=64, minutes=12.0, lr=1e-3, warmup=100, lr_decay=True,
                 ema_decay=0.998, bf16=True, sampler="ddim", sampling_steps=50, eta=1.0,

@@ -115,7 +115,7 @@ PRESETS = {
                   batch_size=8, lr=2e-3, warmup=2, lr_decay=True, ema_decay=0.999, sampler="em",
                   n_samples=8, n_compare=8, sample_batch=4, n_steps=4, ode_tol=0.1,
                   lik_images=2, lik_repeats=2, lik_tol=0.1),
-    # 10 minutes of training (1,000 fp32 steps on a 2-core AVX2 EPYC; with bf16 kernels about
+    # 10 minutes of training (1,000-1,300 fp32 steps on 2-core AVX2 EPYCs; with bf16 kernels about
     # 2,350), then ~4 minutes of sampling and likelihoods. A narrow U-Net with the extra depth
     # at 7x7, batch 64 and a 10x larger, cosine-decayed lr: short CPU runs gain more from steps
     # than from batch. Euler-Maruyama writes samples.pt (half the NFE of PC at equal N).

@@ -237,7 +237,7 @@ def _precision(cfg, given: dict, device: torch.device, quiet: bool):
 
 
 def budget_steps(minutes: float, model: nn.Module, opt: torch.optim.Optimizer,
-                 loss_fn: Callable[[nn.Module], torch.Tensor], d=None, probe: int = 8) -> int:
+                 loss_fn: Callable[[nn.Module], torch.Tensor], d=None, probe: int = 20) -> int:
     """Training steps that fit in `minutes`: a few steps of loss_fn with the optimiser's type
     and settings on throwaway copies are timed (the run's model, optimiser and RNG untouched;
     clipping, EMA and data add a few percent). All ranks take the smallest count. The count is

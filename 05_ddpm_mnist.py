@@ -537,7 +537,7 @@ def plot_bound_terms(trace, path):
     plt.close(fig)
 
 
-def save_figures(out, losses, samples, frames, trace, rows) -> None:
+def figures(out, losses, samples, frames, trace, rows) -> None:
     if losses:
         common.plot_loss(losses, out / "loss.png", title="L_simple (Eq. 14)")
     torch.save(samples, out / "samples.pt")
@@ -574,7 +574,7 @@ def main(argv=None) -> dict:
         return {}
     evaluation, shown = evaluate(args, cfg, ema, schedule, device)
     metrics.update(evaluation)
-    save_figures(args.out, state["losses"], **shown)
+    figures(args.out, state["losses"], **shown)
     metrics["wall_s_total"] = time.perf_counter() - wall0
     common.write_json(args.out / "metrics.json", metrics)
     b = metrics["bound"]

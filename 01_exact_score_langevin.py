@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
@@ -633,17 +632,6 @@ def figures(cfg: Config, mix: Mixture, samples: dict, metrics: dict, frames: lis
 # -- main ------------------------------------------------------------------------------------
 
 
-@contextmanager
-def one_thread():
-    """A few thousand 2-D points: one thread is fastest (and kind to a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def configure(args) -> tuple:
     """The preset with the flags given on top (common.run_config); writes config.json."""
     out = common.prepare_out(args.out)
@@ -661,7 +649,7 @@ def main(argv=None) -> dict:
     args = common.parse_args(argv, __doc__, Config, PRESETS, STEM, trains=False)
     cfg, preset, out = configure(args)
     t0 = time.perf_counter()
-    with one_thread():
+    with common.one_thread():
         mix = make_mixture(cfg.components, cfg.radius)
         samples, timings, frames = run_samplers(cfg, mix, args.seed)
         torch.save({k: v.clone() for k, v in samples.items()}, out / "samples.pt")

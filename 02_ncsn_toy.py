@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -444,17 +443,6 @@ def figures(net, cfg: Config, samples: torch.Tensor, metrics: dict, frames: list
 # -- main ----------------------------------------------------------------------------------------
 
 
-@contextmanager
-def one_thread():
-    """A small MLP on 2-D points: one thread is fastest (and kind to a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def main(argv=None) -> dict:
     args = common.parse_args(argv, __doc__, Config, PRESETS, STEM)
     out = common.prepare_out(args.out)
@@ -463,7 +451,7 @@ def main(argv=None) -> dict:
     common.seed_everything(args.seed)
     common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
     t0 = time.perf_counter()
-    with one_thread():
+    with common.one_thread():
         model, ema, opt = build_model(cfg, device)
         step, losses = restore(ckpt, model, ema, opt, out / "ckpt.pt")
         first = step

@@ -321,6 +321,18 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+@contextmanager
+def one_thread():
+    """torch on one thread inside the block: for 2-D work on a few thousand points one thread is
+    fastest (and kind to a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def network_fn(ema, device: torch.device, bf16: bool) -> Callable:
     """The EMA network in eval mode as a function net(x, t) -> float32, under bf16 autocast if
     asked: what the samplers and evaluations call."""

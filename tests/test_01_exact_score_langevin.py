@@ -24,10 +24,8 @@ m = load_script("01_exact_score_langevin")
 def one_thread():
     """2-D work on a few thousand points: one thread is faster than two, much faster on a busy
     CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with common.one_thread():
+        yield
 
 
 def double(mix):

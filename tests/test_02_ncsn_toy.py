@@ -19,10 +19,8 @@ m = load_script("02_ncsn_toy")
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """A small MLP on 2-D points: one thread is faster than two, much faster on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with common.one_thread():
+        yield
 
 
 MIX64 = m.Mixture(*(t.double() for t in m.MIXTURE))

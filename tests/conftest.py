@@ -26,6 +26,16 @@ def load_script(stem: str):
     return module
 
 
+def equal_states(a, b) -> bool:
+    """Nested dicts, lists and tuples of tensors and plain values (checkpoints, RNG states) equal
+    element by element, tensors exactly."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal_states(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
 @pytest.fixture
 def script():
     return load_script

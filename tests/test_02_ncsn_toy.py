@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import equal_states, load_script
 
 import common
 
@@ -104,14 +104,6 @@ def test_sample_only_and_resume(trained):
     assert ckpt["config"]["steps"] == steps + 20
     with pytest.raises(common.UserError, match="dataset"):
         m.main(["--preset", "smoke", "--out", str(out), "--sample-only", "--dataset", "swissroll"])
-
-
-def equal_states(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal_states(x, y) for x, y in zip(a, b))
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 def test_interrupted_run_resumes_to_its_own_step_count_bit_for_bit(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import equal_states, load_script
 
 m = load_script("03_ncsn_cifar10")
 
@@ -206,16 +206,6 @@ def test_smoke_then_resume_learns_then_sample_only(tmp_path, folders):
     assert again["train"]["steps"] == 80
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 80
     assert again["heldout_dsm"]["mean"] == pytest.approx(resumed["heldout_dsm"]["mean"], rel=1e-4)
-
-
-def equal_states(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal_states(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
 
 
 def test_ctrl_c_then_resume_alone_is_the_same_run_and_the_checkpoint_decides(

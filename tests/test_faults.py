@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import equal_states, load_script
 
 import common
 
@@ -15,16 +15,6 @@ ddpm = load_script("05_ddpm_mnist")
 sde = load_script("06_sde_mnist")
 STEMS = ["01_exact_score_langevin", "02_ncsn_toy", "03_ncsn_cifar10", "04_sohl_dickstein_swissroll",
          "05_ddpm_mnist", "06_sde_mnist"]
-
-
-def equal_states(a: dict, b: dict) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(equal_states(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal_states(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
 
 
 def ckpt(out):

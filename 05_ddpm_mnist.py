@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import judge
 
 # -- config ----------------------------------------------------------------------------------
 
@@ -80,18 +81,17 @@ class Config:
     ckpt_every: int = 2000  # steps between checkpoints
 
     def __post_init__(self):
-        counts = ("T", "steps", "batch_size", "sampling_steps", "n_samples", "sample_batch",
-                  "table_n", "bound_images", "bound_strata", "log_every", "ckpt_every")
-        for name in counts:
-            if getattr(self, name) < 1:
-                raise common.UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.sampling_steps > self.T or self.bound_strata > self.T - 1:
-            raise common.UserError(f"need --sampling-steps <= T = {self.T} and --bound-strata "
-                                   "<= T - 1")
-        for name, steps in self.table:
-            if name not in ("ancestral", "ddim") or not 1 <= steps <= self.T:
-                raise common.UserError(f"--table: ({name!r}, {steps}) is not (ancestral or ddim, "
-                                       f"steps in 1..{self.T})")
+        for name in ("T", "steps", "batch_size", "sampling_steps", "n_samples", "sample_batch",
+                     "table_n", "bound_images", "bound_strata", "log_every", "ckpt_every"):
+            common.check(getattr(self, name) >= 1, name, "at least 1")
+        common.check_unet(self)
+        common.check(self.sampling_steps <= self.T, "sampling_steps", f"at most T = {self.T}")
+        common.check(self.bound_strata <= self.T - 1, "bound_strata", f"at most T - 1")
+        common.check(0 <= self.eta <= 1 and self.grad_clip > 0, "eta", "in [0, 1] (and "
+                     "--grad-clip > 0)")
+        common.check(len(self.table) > 0 and all(
+            len(row) == 2 and row[0] in ("ancestral", "ddim") and 1 <= row[1] <= self.T
+            for row in self.table), "table", f"rows (ancestral or ddim, steps in 1..{self.T})")
 
 
 PRESETS = {
@@ -334,94 +334,25 @@ def lr_at(step: int, cfg: Config) -> float:
 # -- training --------------------------------------------------------------------------------
 
 
-def setup(args, dist, device) -> tuple:
-    """Output folder, config, model, EMA, optimizer, training state (from the checkpoint on
-    --resume / --sample-only) and the training images (None if there is nothing to train)."""
-    common.prepare_out(args.out)
-    preset, cfg, ckpt = common.run_config(args, Config, PRESETS, STEM, FREE, device,
-                                          quiet=not dist.is_main)
-    common.seed_everything(args.seed + dist.rank)
-    model = build_model(cfg).to(device)
-    ema = common.make_ema(model, cfg.ema_decay)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state = {"step": 0, "losses": [], "new": ckpt is None}
-    if ckpt is not None:
-        if missing := {"model", "ema", "optimizer", "losses", "rng_state"} - ckpt.keys():
-            raise common.UserError(f"{args.out / 'ckpt.pt'} has no {', '.join(sorted(missing))} "
-                                   "(an older version wrote it); pass another --out")
-        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-            common.load_state(obj, ckpt[key], args.out / "ckpt.pt")
-        state.update(step=ckpt["step"], losses=list(ckpt["losses"]))
-        common.set_rng_state(ckpt["rng_state"])
-        if dist.enabled:  # the checkpoint holds rank 0's RNG; give every rank its own stream
-            common.seed_everything(args.seed + 1000 * state["step"] + dist.rank)
-    training = not args.sample_only and state["step"] < cfg.steps
-    train_x = load_images(cfg.dataset, args.data_dir, train=True) if training else None
-    return preset, cfg, model, ema, opt, state, train_x
-
-
-def budget(cfg, model, opt, train_x, schedule, dist, device) -> int:
-    """--minutes: the training steps that fit, from a few timed steps on throwaway copies."""
-    x0 = train_x[:cfg.batch_size].to(device)
-
-    def loss_fn(net):
-        with common.autocast(device, cfg.bf16):
-            return loss_simple(net, x0, schedule)
-
-    return common.budget_steps(cfg.minutes, model, opt, loss_fn, dist)
-
-
-def checkpointer(args, preset, cfg, model, ema, opt, losses, dist) -> common.Checkpointer:
-    """Saves (rank 0) the state a --resume needs to continue the run bit for bit."""
-
-    def save(step: int, rng_state: dict):
-        if dist.is_main:
-            common.save_checkpoint(args.out / "ckpt.pt", dict(
-                model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                step=step, config=asdict(cfg), preset=preset, seed=args.seed,
-                losses=losses[:step], rng_state=rng_state), STEM)
-
-    return common.Checkpointer(save, cfg.ckpt_every, args.out / "ckpt.pt")
-
-
-def train(cfg, model, ema, opt, schedule, train_x, state, dist, device, seed, ckpt) -> dict:
-    """Algorithm 1 with Adam, warm-up, gradient clipping and an EMA of the weights, from
-    state["step"] to cfg.steps; the checkpointer checks every loss and saves verified steps."""
-    net = model
-    if dist.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+def train(run, model, ema, opt, schedule, train_x) -> dict:
+    """Algorithm 1 with Adam, warm-up, gradient clipping and an EMA of the weights, from the
+    run's step to cfg.steps (run.log checks each loss and checkpoints when due)."""
+    cfg, device = run.cfg, run.device
+    net, batches = run.ddp(model), run.batches(len(train_x), cfg.batch_size)
     model.train()
-    losses, start, t0 = state["losses"], state["step"], time.perf_counter()
-    data = common.epoch_batches(len(train_x), cfg.batch_size, dist, seed, start)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, mininterval=2,
-               desc="train")
-    with ckpt:
-        for step in range(start, cfg.steps + 1):
-            ckpt.begin(step)
-            x0 = train_x[next(data)].to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            with common.autocast(device, cfg.bf16):
-                loss = loss_simple(net, x0, schedule)
-            ckpt.verified(loss, step, last=step == cfg.steps)
-            if step == cfg.steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            ema.update_parameters(model)
-            losses.append(loss.item())
-            state["step"] = step + 1
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{sum(losses[-cfg.log_every:]) / cfg.log_every:.4f}")
-    bar.close()
-    wall, done = time.perf_counter() - t0, state["step"] - start
-    return {"steps": state["step"], "steps_this_run": done, "wall_s": wall,
-            "steps_per_s": done / wall, "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-            "images": len(train_x), "global_batch": cfg.batch_size * dist.world_size}
+    for step in run.steps(every=cfg.ckpt_every):
+        x0 = train_x[next(batches)].to(device, non_blocking=True)  # x_0 ~ q(x_0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with common.autocast(device, cfg.bf16):
+            loss = loss_simple(net, x0, schedule)  # t ~ U{1..T}, eps ~ N(0, I), Eq. 14
+        run.log(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # the gradient step on L_simple
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update_parameters(model)
+    return {**run.trained, "images": len(train_x), "global_batch": cfg.batch_size * run.world_size}
 
 
 # -- evaluation (rank 0 only) ----------------------------------------------------------------
@@ -511,8 +442,8 @@ def evaluate(args, cfg, ema, schedule, device) -> tuple[dict, dict]:
     metrics["bound"], trace = evaluate_bound(fp32, cfg, schedule, args.data_dir, device, args.seed)
     metrics["sampler_table"], rows = sampler_table(eps_model, cfg, schedule, device, args.seed)
     if cfg.judge:
-        metrics["judge"] = common.judge_samples(samples, cfg.dataset, args.data_dir, seed=args.seed)
-        print(common.judge_line(metrics["judge"]))
+        metrics["judge"] = judge.judge_samples(samples, cfg.dataset, args.data_dir, seed=args.seed)
+        print(judge.judge_line(metrics["judge"]))
     return metrics, dict(samples=samples, frames=frames, trace=trace, rows=rows)
 
 
@@ -526,15 +457,13 @@ def denoising_strip(frames, path, columns=11):
 
 
 def plot_bound_terms(trace, path):
-    plt = common._plt()
+    plt = common.pyplot()
     t, v = zip(*trace)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.scatter(t, [x / 784 / math.log(2) for x in v], s=12)
     ax.set(xscale="log", yscale="log", xlabel="t (T + 1: the prior term L_T)",
            ylabel="bits/dim of the term", title="terms of the bound (Eq. 5), one test image")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def figures(out, losses, samples, frames, trace, rows) -> None:
@@ -551,34 +480,32 @@ def figures(out, losses, samples, frames, trace, rows) -> None:
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM, image=True)
-    wall0 = time.perf_counter()
-    dist, device = common.ddp_setup(common.get_device(args.device))
-    with common.all_ranks_agree(dist, device):
-        preset, cfg, model, ema, opt, state, train_x = setup(args, dist, device)
+    run = common.Run(argv, __doc__, Config, PRESETS, FREE, STEM, image=True)
+    cfg, device, wall0 = run.cfg, run.device, time.perf_counter()
     schedule = make_schedule(cfg.schedule, cfg.T)
-    if state["new"] and cfg.minutes > 0 and train_x is not None:
-        cfg.steps = budget(cfg, model, opt, train_x, schedule, dist, device)
-    if dist.is_main:
-        common.write_json(args.out / "config.json", asdict(cfg))
-    metrics = {"params": common.count_params(model), "world_size": dist.world_size}
-    if train_x is not None:
-        ckpt = checkpointer(args, preset, cfg, model, ema, opt, state["losses"], dist)
-        metrics["train"] = train(cfg, model, ema, opt, schedule, train_x, state, dist, device,
-                                 args.seed, ckpt)
-        if dist.enabled:  # 0.0: the replicas stayed identical
-            metrics["ddp"] = {"world_size": dist.world_size, "param_max_abs_diff":
-                              common.ddp_param_divergence(model, dist, device)}
-    common.ddp_cleanup(dist)
-    if not dist.is_main:
+    model = build_model(cfg).to(device)
+    ema = common.make_ema(model, cfg.ema_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    run.restore(model=model, ema=ema, optimizer=opt)
+    metrics = {"params": common.count_params(model), "world_size": run.world_size}
+    if run.trains:
+        train_x = load_images(cfg.dataset, run.args.data_dir, train=True)
+
+        def probe(net):  # a training step's loss, for the --minutes budget
+            with common.autocast(device, cfg.bf16):
+                return loss_simple(net, train_x[:cfg.batch_size].to(device), schedule)
+
+        run.budget(probe, model, opt)
+        metrics["train"] = train(run, model, ema, opt, schedule, train_x)
+    if not run.finish():
         return {}
-    evaluation, shown = evaluate(args, cfg, ema, schedule, device)
+    evaluation, shown = evaluate(run.args, cfg, ema, schedule, device)
     metrics.update(evaluation)
-    figures(args.out, state["losses"], **shown)
+    figures(run.out, run.losses, **shown)
     metrics["wall_s_total"] = time.perf_counter() - wall0
-    common.write_json(args.out / "metrics.json", metrics)
+    common.write_json(run.out / "metrics.json", metrics)
     b = metrics["bound"]
-    print(f"{len(shown['samples'])} samples in {args.out}; test bound {b['bpd_sigma_beta']:.3f} +- "
+    print(f"{len(shown['samples'])} samples in {run.out}; test bound {b['bpd_sigma_beta']:.3f} +- "
           f"{b['bpd_sigma_beta_stderr']:.3f} bits/dim on {b['images']} images; "
           f"{metrics['wall_s_total']:.0f} s in all")
     return metrics

@@ -1,9 +1,18 @@
-"""The small shared kit of the numbered scripts: errors and the command line, a run's settings
-(Config, presets, flags, resume), devices and seeds, data, a configurable U-Net, EMA,
-checkpoints, plotting, 2-D distances, the digit judge and the torchrun setup. Nothing here is
-specific to one method.
+"""The small shared kit of the numbered scripts: the run kit (flags from Config, presets, the
+resume rule, device and seeds, atomic checkpoints, Ctrl-C, torchrun, the --minutes budget,
+one-line errors), U-Net blocks, EMA, plotting and 2-D distances. Nothing method-specific.
 
-    python common.py SAMPLES.pt --data-dir data     # judge saved MNIST samples (N, 1, 28, 28)
+A script that trains uses the run kit in a few calls, in this order:
+
+    run = common.Run(argv, __doc__, Config, PRESETS, FREE, STEM)  # flags, --out, config, seeds
+    model, ema, opt = ...                         # built from run.cfg on run.device
+    run.restore(model=model, ema=ema, optimizer=opt)  # load OUT/ckpt.pt on --resume/--sample-only
+    run.budget(loss_fn, model, opt)               # --minutes: fixes run.cfg.steps of a new run
+    for step in run.steps():                      # run.step .. cfg.steps - 1, then the last save
+        loss = ...                                # the paper's training step ...
+        run.log(loss)                             # finite check, progress, checkpoint when due
+        ...                                       # ... backward, optimizer step, EMA
+    if not run.finish(): return {}                # under torchrun only rank 0 evaluates
 """
 
 from __future__ import annotations
@@ -18,10 +27,9 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,35 +52,32 @@ class Interrupted(KeyboardInterrupt):
         self.code = code
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank_prefix() -> str:
-    return f"[rank {torch.distributed.get_rank()}] " if _distributed() else ""
-
-
-def cli_entry(main: Callable[[list[str] | None], dict]) -> None:
-    """Run a script's `main` from the shell: a UserError becomes one message and exit code 2.
-    Under torchrun a failing rank leaves at once (no barrier, no hang); torchrun ends the others."""
+def cli_entry(main: Callable) -> None:
+    """Run main(None) from the shell: a UserError is one line and exit code 2. Under torchrun a
+    failing rank leaves at once (no barrier, no hang) and torchrun ends the others."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized
+    prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     try:
         main(None)
         code = 0
-    except UserError as err:
-        print(f"error: {_rank_prefix()}{err}", file=sys.stderr)
-        code = 2
     except KeyboardInterrupt as err:
         print(str(err) if isinstance(err, Interrupted) else "interrupted", file=sys.stderr)
-        code = err.code if isinstance(err, Interrupted) else 130
-    except Exception as err:
-        if not _distributed():
+        code = getattr(err, "code", 130)
+    except Exception as err:  # a UserError, or the judge's JudgeError (user_error = True)
+        if isinstance(err, UserError) or getattr(err, "user_error", False):
+            print(f"error: {prefix}{err}", file=sys.stderr)
+            code = 2
+        elif not (dist and dist()):
             raise
-        if isinstance(err, torch.distributed.DistError):
-            print(f"error: {_rank_prefix()}stopped: another process ended", file=sys.stderr)
-        else:
-            traceback.print_exc()
-        code = 1
-    if _distributed():  # skip the exit-time teardown, which would wait for the other ranks
+        else:  # under torchrun: say why, then leave without waiting for the others
+            import traceback
+
+            if isinstance(err, torch.distributed.DistError):
+                print(f"error: {prefix}stopped: another process ended", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            code = 1
+    if dist and dist():  # skip the exit-time teardown, which would wait for the other ranks
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -83,11 +88,31 @@ def check_finite(x: torch.Tensor, step: int | None, what: str = "the loss",
                  hint: str = "try a lower --lr") -> None:
     if not torch.isfinite(x).all():
         bad = x[~torch.isfinite(x)].flatten()[0].item()
-        at = "" if step is None else f" at step {step}"
-        raise UserError(f"{what} became {bad}{at}; {hint}")
+        raise UserError(f"{what} became {bad}{'' if step is None else f' at step {step}'}; {hint}")
 
 
-# -- a run's settings: Config, presets, flags, the resume rule --------------------------------
+def check(ok: bool, flag: str, allowed: str) -> None:
+    """For Config.__post_init__: one UserError naming the flag and what it accepts."""
+    if not ok:
+        raise UserError(f"--{flag.replace('_', '-')} must be {allowed}")
+
+
+def check_unet(cfg) -> None:
+    """The U-Net fields of a Config (base, mults, num_res_blocks, attn_levels, dropout)."""
+    ints = lambda v: isinstance(v, tuple) and all(isinstance(i, int) for i in v)
+    check(isinstance(cfg.base, int) and cfg.base >= 2 and cfg.base % 2 == 0, "base",
+          "an even width of at least 2")
+    check(ints(cfg.mults) and len(cfg.mults) >= 1 and min(cfg.mults) >= 1, "mults",
+          "a tuple of multipliers >= 1, e.g. 1,2,2")
+    blocks = cfg.num_res_blocks
+    check((isinstance(blocks, int) and blocks >= 1) or (ints(blocks) and len(blocks) == len(
+        cfg.mults) and min(blocks) >= 1), "num_res_blocks", "a count >= 1 or one per level")
+    check(ints(cfg.attn_levels) and all(0 <= i < len(cfg.mults) for i in cfg.attn_levels),
+          "attn_levels", f"a tuple of levels in 0..{len(cfg.mults) - 1}, e.g. 1, (or ())")
+    check(0 <= cfg.dropout < 1, "dropout", "in [0, 1)")
+
+
+# -- a run's settings: Config -> flags, presets, the resume rule --------------------------------
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -125,8 +150,7 @@ def _flag_type(hint) -> dict:
 
 
 def seed_value(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
+    if not 0 <= (value := int(text)) < 2**32:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2^32 - 1, got {text}")
     return value
 
@@ -134,8 +158,7 @@ def seed_value(text: str) -> int:
 def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bool = False,
                trains: bool = True):
     """The shared flags (--resume and --sample-only if the script `trains`), then one flag per
-    Config field (`--field-name`, default None: the preset's value), its help the field's
-    comment with Config's and the presets' values."""
+    Config field, its help the field's comment with Config's and the presets' values."""
     import typing
 
     parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
@@ -167,22 +190,19 @@ def parse_args(argv, doc: str, config_cls, presets: dict, script: str, image: bo
     return parser.parse_args(argv)
 
 
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def make_config(config_cls, values: dict):
     """Config(**values), lists back to tuples; Config.__post_init__ checks the values."""
+    tuples = lambda v: tuple(map(tuples, v)) if isinstance(v, (list, tuple)) else v
     names = {f.name for f in fields(config_cls)}
-    return config_cls(**{k: _tuples(v) for k, v in values.items() if k in names})
+    return config_cls(**{k: tuples(v) for k, v in values.items() if k in names})
 
 
 def run_config(args, config_cls, presets: dict, script: str, free: Sequence[str],
                device: torch.device, quiet: bool = False):
-    """(preset, config, checkpoint or None) of this call. A new run: the preset (default gpu on
-    CUDA, else cpu, announced), then the flags given. With --resume or --sample-only the
-    checkpoint decides: a flag may differ from it only if listed in `free` (what happens after
-    training, how to run), or be --steps extending a --resume to more steps."""
+    """(preset, config, checkpoint or None). A new run: the preset (default gpu on CUDA, else
+    cpu, announced), then the flags given. With --resume or --sample-only the checkpoint decides:
+    a flag may differ only if in `free` (after training, how to run), or be --steps extending a
+    --resume."""
     given = {f.name: getattr(args, f.name) for f in fields(config_cls)
              if getattr(args, f.name) is not None}
     if not (args.resume or args.sample_only):
@@ -216,19 +236,15 @@ def run_config(args, config_cls, presets: dict, script: str, free: Sequence[str]
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 runs on native kernels: a CPU for which oneDNN has bf16 kernels (AVX-512 or
-    AMX) or a CUDA GPU with bf16 units. On an AVX2-only CPU bf16 is emulated: a training step of
-    the MNIST U-Nets here is about 10x slower in bf16 than in fp32."""
+    """bf16 on native kernels: a CPU with AVX-512 or AMX, or a CUDA GPU with bf16 units. On an
+    AVX2-only CPU bf16 is emulated, about 10x slower than fp32."""
     if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return False
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2")
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _precision(cfg, given: dict, device: torch.device, quiet: bool):
-    """bf16 asked for by a preset or a checkpoint (not by --bf16) runs in fp32 where bf16 has no
-    fast kernels: how to run, not what the run is."""
+    """bf16 from a preset or a checkpoint (not --bf16) runs in fp32 where bf16 is slow."""
     if getattr(cfg, "bf16", False) and "bf16" not in given and not bf16_is_fast(device):
         cfg.bf16 = False
         if not quiet:
@@ -236,55 +252,23 @@ def _precision(cfg, given: dict, device: torch.device, quiet: bool):
     return cfg
 
 
-def budget_steps(minutes: float, model: nn.Module, opt: torch.optim.Optimizer,
-                 loss_fn: Callable[[nn.Module], torch.Tensor], d=None, probe: int = 20) -> int:
-    """Training steps that fit in `minutes`: a few steps of loss_fn with the optimiser's type
-    and settings on throwaway copies are timed (the run's model, optimiser and RNG untouched;
-    clipping, EMA and data add a few percent). All ranks take the smallest count. The count is
-    then fixed: stored with the run's config."""
-    import copy
-
-    net = copy.deepcopy(model)
-    opt2, state, times = type(opt)(net.parameters(), **opt.defaults), rng_state(), []
-    for _ in range(probe + 2):
-        t0 = time.perf_counter()
-        loss = loss_fn(net)
-        opt2.zero_grad()
-        loss.backward()
-        opt2.step()
-        if loss.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    set_rng_state(state)
-    per_step = float(np.median(times[2:]))
-    steps = torch.tensor([max(1, int(minutes * 60 / per_step))])
-    if d is not None and d.enabled:
-        torch.distributed.all_reduce(steps, torch.distributed.ReduceOp.MIN)
-    if d is None or d.is_main:
-        print(f"--minutes {minutes:g}: {per_step:.3f} s per training step here, so "
-              f"{steps.item()} steps (kept on --resume; --steps N for an exact run)")
-    return int(steps.item())
-
-
-# -- devices, seeds, precision, files ----------------------------------------------------------
+# -- devices, seeds, files -------------------------------------------------------------------
 
 
 def get_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps and mps.is_available() else "cpu")
+        mps = torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not ok[device.type]:
+        raise UserError(f"--device {name} was asked for but {device.type.upper()} is not "
+                        "available")
     return device
 
 
@@ -296,7 +280,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """All RNG states as tensors and ints, so a checkpoint loads with weights_only=True."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if torch.cuda.is_available():
@@ -315,16 +299,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU (fast with AVX-512/AMX) and CUDA; a no-op when disabled or on MPS."""
-    if not enabled or device.type not in ("cpu", "cuda"):
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast on CPU and CUDA; a no-op when disabled or on MPS."""
+    on = enabled and device.type in ("cpu", "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 
 @contextmanager
 def one_thread():
-    """torch on one thread inside the block: for 2-D work on a few thousand points one thread is
-    fastest (and kind to a shared CPU)."""
+    """torch on one thread inside the block: fastest for 2-D work on a few thousand points."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -334,15 +316,18 @@ def one_thread():
 
 
 def network_fn(ema, device: torch.device, bf16: bool) -> Callable:
-    """The EMA network in eval mode as a function net(x, t) -> float32, under bf16 autocast if
-    asked: what the samplers and evaluations call."""
+    """The EMA network in eval mode as net(x, t, ...) -> float32, under bf16 autocast if asked."""
     net = ema.module.eval()
 
-    def fn(x, t):
+    def fn(*inputs):
         with autocast(device, bf16):
-            return net(x, t).float()
+            return net(*inputs).float()
 
     return fn
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def write_json(path: Path, obj) -> None:
@@ -352,19 +337,14 @@ def write_json(path: Path, obj) -> None:
 
 def prepare_out(out: Path) -> Path:
     """Create the output folder and check that it takes files, before any work is done."""
-    out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; pass a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as err:
         raise UserError(f"cannot write to --out {out}: {err.strerror or err}") from None
     return out
-
-
-# -- data ---------------------------------------------------------------------------------------
 
 
 def torchvision_dataset(name: str, root: Path, train: bool, transform):
@@ -378,8 +358,7 @@ def torchvision_dataset(name: str, root: Path, train: bool, transform):
         return cls(str(root), train=train, download=True, transform=transform)
     except Exception as err:  # RuntimeError, URLError, OSError, ... when offline
         raw = Path(root) / cls.__name__ / ("raw" if name != "cifar10" else "")
-        if name != "cifar10" and raw.is_dir() and any(p.name.endswith("ubyte")
-                                                      for p in raw.iterdir()):
+        if raw.is_dir() and any(p.name.endswith("ubyte") for p in raw.iterdir()):
             raise UserError(f"cannot read {cls.__name__} from the files in {raw} "
                             f"({type(err).__name__}: {str(err)[:120]}); they may be truncated or "
                             "corrupt: replace them, or delete them to download again") from None
@@ -388,23 +367,253 @@ def torchvision_dataset(name: str, root: Path, train: bool, transform):
                         "e.g. train-images-idx3-ubyte) or pass --data-dir") from None
 
 
-def epoch_batches(n: int, batch_size: int, d: Dist, seed: int, step: int):
-    """Endless batches of indices into n items: each epoch a new shuffle (fixed by seed and epoch)
-    cut in one share per process. Starting at `step` replays the same order, so --resume continues
-    the same run."""
-    sampler = torch.utils.data.DistributedSampler(range(n), d.world_size, d.rank, shuffle=True,
-                                                  seed=seed, drop_last=True)
-    per_epoch = len(sampler) // batch_size
-    if per_epoch == 0:
-        raise UserError(f"{n} training images are fewer than one batch per process; "
-                        "lower --batch-size")
-    epoch, skip = divmod(step, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        idx = torch.tensor(list(sampler))
-        for i in range(skip, per_epoch):
-            yield idx[i * batch_size:(i + 1) * batch_size]
-        epoch, skip = epoch + 1, 0
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    """write(file) into a unique temporary file beside path, then an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict, script: str) -> None:
+    """torch.save of state, marked as written by `script`, atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda f: torch.save({**state, "script": script}, f))
+
+
+def load_checkpoint(path: Path, script: str) -> dict:
+    """A checkpoint written by `script` (weights_only=True, on the CPU); else one UserError."""
+    if not Path(path).exists():
+        raise UserError(f"no checkpoint at {path}; train first (without --sample-only), "
+                        "or pass --out")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read the checkpoint {path} (truncated or corrupt: "
+                        f"{type(err).__name__}); delete it and train again") from None
+    writer = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if writer != script:
+        by = f"by {writer}.py" if writer else "by another program or an older version"
+        raise UserError(f"the checkpoint {path} was written {by}, not by {script}.py; "
+                        "pass another --out")
+    return ckpt
+
+
+def load_state(obj, state, path: Path) -> None:
+    """obj.load_state_dict(state), a module's or an optimizer's; a misfit is one UserError."""
+    if isinstance(obj, nn.Module):
+        own = obj.state_dict()
+        bad = sorted(own.keys() ^ state.keys()) + [k for k in own.keys() & state.keys()
+                                                   if own[k].shape != state[k].shape]
+        if bad:
+            raise UserError(f"the checkpoint {path} does not fit the model ({len(bad)} tensors "
+                            f"differ, e.g. {bad[0]}); pass another --out")
+    try:
+        obj.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"the checkpoint {path} does not fit ({type(err).__name__}); "
+                        "pass another --out") from None
+
+
+# -- the run protocol: one training run, new or resumed, on one process or under torchrun --------
+
+
+class Run:
+    """One run of a script that trains: flags, device, torchrun, --out and the config (a new
+    run's from preset and flags, a resumed one's from OUT/ckpt.pt, see `run_config`). Checkpoints
+    hold what `restore` was given, step, config, preset, seed, losses, rng_state and `extra`;
+    rank 0 writes them atomically every `every` steps or 2 minutes, on Ctrl-C or SIGTERM and
+    after the last step, never with weights whose loss was not finite."""
+
+    def __init__(self, argv, doc: str, config_cls, presets: dict, free: Sequence[str],
+                 script: str, image: bool = False):
+        self.args = args = parse_args(argv, doc, config_cls, presets, script, image)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.world_size = int(os.environ.get("RANK", "0")), world
+        self.is_main, self.device = self.rank == 0, get_device(args.device)
+        if world > 1:  # torchrun: one process per device (NCCL) or per CPU share (gloo)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.script, self.out, self.path = script, prepare_out(args.out), args.out / "ckpt.pt"
+        self.preset, self.cfg, self.ckpt = run_config(args, config_cls, presets, script, free,
+                                                      self.device, quiet=not self.is_main)
+        self.seed, self.step, self.losses, self.extra, self.objects = args.seed, 0, [], {}, {}
+        self.trained, self._wrote_config, self.signum = None, False, None
+        seed_everything(self.seed + self.rank)
+
+    @property
+    def trains(self) -> bool:
+        """Whether this call trains: not --sample-only, and steps left to take."""
+        return not self.args.sample_only and self.step < self.cfg.steps
+
+    def restore(self, **objects) -> None:
+        """What the checkpoints hold (model=, ema=, optimizer=); on --resume or --sample-only
+        they, the step, losses and RNG state are loaded from OUT/ckpt.pt, and under torchrun
+        every rank then draws its own random stream."""
+        self.objects = objects
+        if self.ckpt is None:
+            return
+        if missing := {*objects, "losses", "rng_state"} - self.ckpt.keys():
+            raise UserError(f"{self.path} has no {', '.join(sorted(missing))} (an older version "
+                            "wrote it); pass another --out")
+        for key, obj in objects.items():
+            load_state(obj, self.ckpt[key], self.path)
+        self.step, self.losses = self.ckpt["step"], list(self.ckpt["losses"])
+        set_rng_state(self.ckpt["rng_state"])
+        if self.world_size > 1:
+            seed_everything(self.seed + 1000 * self.step + self.rank)
+
+    def budget(self, loss_fn: Callable[[nn.Module], torch.Tensor], model, opt,
+               probe: int = 20) -> None:
+        """--minutes > 0 on a new run: cfg.steps becomes the steps that fit, from `probe` timed
+        steps on throwaway copies (model, optimiser and RNG untouched; clipping, EMA and data
+        add a few percent). All ranks take the smallest count; a resume keeps it."""
+        import copy
+
+        minutes = getattr(self.cfg, "minutes", 0)
+        if self.ckpt is not None or not minutes or not self.trains:
+            return
+        net, state, times = copy.deepcopy(model), rng_state(), []
+        opt2 = type(opt)(net.parameters(), **opt.defaults)
+        for _ in range(probe + 2):
+            t0 = time.perf_counter()
+            opt2.zero_grad()
+            loss_fn(net).backward()
+            opt2.step()
+            torch.cuda.synchronize() if self.device.type == "cuda" else None
+            times.append(time.perf_counter() - t0)
+        set_rng_state(state)
+        per_step = float(np.median(times[2:]))
+        steps = torch.tensor([max(1, int(minutes * 60 / per_step))], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(steps, torch.distributed.ReduceOp.MIN)
+        self.cfg.steps = int(steps.item())
+        self.print(f"--minutes {minutes:g}: {per_step:.3f} s per training step here, so "
+                   f"{self.cfg.steps} steps (kept on --resume; --steps N for an exact run)")
+
+    def ddp(self, model: nn.Module) -> nn.Module:
+        """The model in DistributedDataParallel under torchrun, else itself."""
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def batches(self, n: int, batch_size: int):
+        """Endless batches of indices into n items: each epoch a new shuffle (fixed by seed and
+        epoch) cut in one share per process, continuing from this run's step."""
+        sampler = torch.utils.data.DistributedSampler(range(n), self.world_size, self.rank,
+                                                      shuffle=True, seed=self.seed, drop_last=True)
+        if (per_epoch := len(sampler) // batch_size) == 0:
+            raise UserError(f"{n} training images are fewer than one batch per process; "
+                            "lower --batch-size")
+        epoch, skip = divmod(self.step, per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            idx = torch.tensor(list(sampler))
+            for i in range(skip, per_epoch):
+                yield idx[i * batch_size:(i + 1) * batch_size]
+            epoch, skip = epoch + 1, 0
+
+    def steps(self, every: int = 1000, seconds: float = 120.0):
+        """Steps self.step .. cfg.steps - 1, each of whose bodies calls `log(loss)` once; then
+        the final state is saved, its weights checked finite. Sets self.trained (metrics)."""
+        from tqdm import tqdm
+
+        self._write_config()
+        start, t0, self.every, self.seconds = self.step, time.perf_counter(), every, seconds
+        self.bar = tqdm(total=self.cfg.steps, initial=start, disable=not self.is_main,
+                        desc="train", mininterval=2)
+        self.first, self.t_saved = start, time.monotonic()
+        self._signals(True)
+        try:
+            while self.step < self.cfg.steps:
+                self.rng = rng_state()
+                yield self.step
+                self.step += 1
+                self.bar.update(1)
+            top = [p.detach().abs().max().float() for p in self.objects["model"].parameters()]
+            check_finite(torch.stack(top), self.step, "the weights")
+            self.rng = rng_state()
+            self.save()
+        finally:
+            self._signals(False)
+            self.bar.close()
+        wall, done, last = time.perf_counter() - t0, self.step - start, self.losses[-100:]
+        self.trained = {"steps": self.step, "steps_this_run": done, "wall_s": wall,
+                        "steps_per_s": done / wall, "final_loss": sum(last) / max(1, len(last))}
+
+    def log(self, loss: torch.Tensor) -> None:
+        """The loss of the weights after `step` updates: checked finite, shown, and when due (or
+        after Ctrl-C or SIGTERM) those weights are saved, before the step updates them."""
+        if not torch.isfinite(loss).all():
+            self._signals(False)
+            check_finite(loss, self.step)
+        self.losses.append(loss.item())
+        if self.step % 50 == 0:
+            self.bar.set_postfix(loss=f"{np.mean(self.losses[-100:]):.4f}")
+        due = self.step > self.first and (self.step % self.every == 0
+                                          or time.monotonic() - self.t_saved > self.seconds)
+        if due or self.signum is not None:
+            self.save()
+        if self.signum is not None:
+            self._signals(False)
+            raise self._stopped(self.signum, f"at step {self.step}: saved it in {self.path}; "
+                                "continue with --resume")
+
+    def save(self) -> None:
+        """OUT/ckpt.pt of the current step (rank 0), with the RNG state the step began with."""
+        self.t_saved = time.monotonic()
+        if self.is_main:
+            state = {k: obj.state_dict() for k, obj in self.objects.items()}
+            save_checkpoint(self.path, dict(
+                state, step=self.step, config=asdict(self.cfg), preset=self.preset, seed=self.seed,
+                losses=self.losses[:self.step], rng_state=self.rng, **self.extra), self.script)
+
+    def finish(self) -> bool:
+        """After training: config.json if not yet written, every rank leaves the process group.
+        True on the one rank that goes on to evaluate."""
+        self._write_config()
+        if self.world_size > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return self.is_main
+
+    def print(self, *text) -> None:
+        if self.is_main:
+            print(*text)
+
+    def _write_config(self) -> None:
+        if self.is_main and not self._wrote_config:
+            write_json(self.out / "config.json", asdict(self.cfg))
+        self._wrote_config = True
+
+    def _signals(self, on: bool) -> None:
+        """Ctrl-C and SIGTERM set a flag acted on in `log`; a second one stops at once."""
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in getattr(self, "_old", {}).items():
+                signal.signal(s, handler)
+            self._old = {s: signal.signal(s, self._handle)
+                         for s in (signal.SIGINT, signal.SIGTERM)} if on else {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self._signals(False)
+            raise self._stopped(signum, f"again: stopped at once; {self.path} holds the last "
+                                "saved step")
+        self.signum = signum
+
+    def _stopped(self, signum: int, what: str) -> Interrupted:
+        return Interrupted(f"interrupted ({signal.Signals(signum).name}) {what}", 128 + signum)
 
 
 # -- time embeddings and the U-Net ---------------------------------------------------------------
@@ -487,13 +696,15 @@ class UNet(nn.Module):
     num_res_blocks: ResBlocks per level on the way down (one more on the way up), a number or one
     per level; attn_levels: levels with self-attention (and always the middle); time_emb:
     'sinusoidal', 'fourier' or None (unconditional, as NCSNv2); embed_dim: time features
-    (default: base); out_scale(out, t): applied to the output, e.g. dividing by sigma(t)."""
+    (default: base); out_scale(out, t): applied to the output, e.g. dividing by sigma(t);
+    num_classes: a label embedding added to the time embedding, label num_classes meaning "no
+    label" (for classifier-free guidance, Ho & Salimans 2022)."""
 
     def __init__(self, channels: int = 1, base: int = 32, mults: Sequence[int] = (1, 2, 2),
                  num_res_blocks: int | Sequence[int] = 1, attn_levels: Sequence[int] = (2,),
                  dropout: float = 0.1, time_emb: str | None = "sinusoidal",
                  fourier_scale: float = 16.0, out_scale: Callable | None = None,
-                 embed_dim: int | None = None):
+                 embed_dim: int | None = None, num_classes: int = 0):
         super().__init__()
         if time_emb not in ("sinusoidal", "fourier", None):
             raise ValueError(f"time_emb must be 'sinusoidal', 'fourier' or None, not {time_emb!r}")
@@ -532,9 +743,15 @@ class UNet(nn.Module):
             if level > 0:  # upsample: nearest-neighbour resize, then a 3x3 conv (no checkerboard)
                 self.up.append(nn.Conv2d(ch, ch, 3, padding=1))
         self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, temb) if num_classes and temb else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.time_mlp(t) if self.time_mlp is not None else None
+        if self.label_emb is not None:  # y = None: unconditional, the "no label" embedding
+            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
+            temb = temb + self.label_emb(y)
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
@@ -556,12 +773,8 @@ def _blocks(blocks, h, temb):
     return h
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def make_ema(model: nn.Module, decay: float, warmup: bool = True):
-    """EMA of the weights (and buffers) via torch.optim.swa_utils.AveragedModel. With warmup the
+    """EMA of the weights and buffers (torch.optim.swa_utils.AveragedModel). With warmup the
     decay at update n is min(decay, (1 + n) / (10 + n)), so that short runs are not dominated by
     the random initialisation (as TensorFlow's ExponentialMovingAverage)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -577,119 +790,11 @@ def make_ema(model: nn.Module, decay: float, warmup: bool = True):
     return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """write(file) into a unique temporary file beside path, then an atomic rename: a crash or a
-    second run writing the same path never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(path: Path, state: dict, script: str) -> None:
-    """torch.save of state, marked as written by `script`, through _write_atomic."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda f: torch.save({**state, "script": script}, f))
-
-
-def load_checkpoint(path: Path, script: str, map_location="cpu") -> dict:
-    """A checkpoint written by `script` (weights_only=True); anything else is one UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}; train first (without --sample-only), "
-                        "or pass --out")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read the checkpoint {path} (truncated or corrupt: "
-                        f"{type(err).__name__}); delete it and train again") from None
-    writer = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if writer != script:
-        by = f"by {writer}.py" if writer else "by another program or an older version"
-        raise UserError(f"the checkpoint {path} was written {by}, not by {script}.py; "
-                        "pass another --out")
-    return ckpt
-
-
-def load_state(obj, state, path: Path) -> None:
-    """obj.load_state_dict(state) for a module or an optimizer; names or shapes that do not fit
-    are one UserError."""
-    if isinstance(obj, nn.Module):
-        own = obj.state_dict()
-        bad = sorted(own.keys() ^ state.keys()) + [k for k in own.keys() & state.keys()
-                                                   if own[k].shape != state[k].shape]
-        if bad:
-            raise UserError(f"the checkpoint {path} does not fit the model ({len(bad)} tensors "
-                            f"differ, e.g. {bad[0]}); pass another --out")
-    try:
-        obj.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise UserError(f"the checkpoint {path} does not fit ({type(err).__name__}); "
-                        "pass another --out") from None
-
-
-class Checkpointer:
-    """Checkpoints that only ever hold verified state of a completed step. In the loop, begin(step)
-    at the start of a step records the RNG state; verified(loss, step) checks the step's loss (the
-    loss of the weights after `step` updates) and then, when due -- every `every` steps, every
-    `seconds` of training, at the `last` step, or after Ctrl-C or SIGTERM -- calls save(step, rng)
-    while weights, optimizer and EMA are still those the step began with. A signal is acted on
-    there (within a step); a second one stops at once."""
-
-    def __init__(self, save: Callable[[int, dict], None], every: int, where: Path,
-                 seconds: float = 120.0):
-        self.save, self.every, self.where, self.seconds = save, every, where, seconds
-        self.signum, self.first, self.rng, self.old = None, None, None, {}
-
-    def __enter__(self):
-        self.t_saved = time.monotonic()
-        if threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, kind, err, tb):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        if kind is None and self.signum is not None:
-            raise self._stop(self.signum, f"after the last step; {self.where} holds it")
-
-    def _stop(self, signum: int, what: str) -> Interrupted:
-        return Interrupted(f"interrupted ({signal.Signals(signum).name}) {what}", 128 + signum)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise self._stop(signum, f"again: stopped at once; {self.where} holds the last "
-                             "saved step")
-        self.signum = signum
-
-    def begin(self, step: int) -> None:
-        self.first = step if self.first is None else self.first
-        self.rng = rng_state()
-
-    def verified(self, loss: torch.Tensor, step: int, last: bool = False) -> None:
-        check_finite(loss, step)
-        periodic = step > self.first and (step % self.every == 0
-                                           or time.monotonic() - self.t_saved > self.seconds)
-        if last or periodic or self.signum is not None:
-            self.save(step, self.rng)
-            self.t_saved = time.monotonic()
-        if self.signum is not None:
-            raise self._stop(self.signum, f"at step {step}: saved it in {self.where}; continue "
-                             "with --resume")
-
-
 # -- plotting ------------------------------------------------------------------------------------
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no window)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -710,16 +815,17 @@ def save_image_grid(x: torch.Tensor, path: Path, nrow: int = 10, value_range=(-1
     save_image(_to_unit(x, value_range), str(path), nrow=nrow, padding=2)
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
+    """tight_layout, savefig at 120 dpi, close."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def plot_loss(losses: Sequence[float], path: Path, title: str = "training loss",
               smooth: int = 50) -> None:
     losses = np.asarray(losses, dtype=float)
-    fig, ax = _plt().subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot(losses, alpha=0.3, lw=0.8, label="per step")
     if len(losses) >= smooth > 1:
         ax.plot(np.arange(smooth - 1, len(losses)),
@@ -729,7 +835,7 @@ def plot_loss(losses: Sequence[float], path: Path, title: str = "training loss",
     if losses.size and (losses > 0).all() and losses.max() / losses.min() > 30:
         ax.set_yscale("log")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _points(ax, pts, truth, lim, title, size=2):
@@ -745,20 +851,20 @@ def _points(ax, pts, truth, lim, title, size=2):
 def scatter_2d(panels: dict[str, np.ndarray], truth: np.ndarray | None, path: Path,
                lim: float | None = None) -> None:
     """One panel per sample set, each drawn over the ground truth in grey."""
-    fig, axes = _plt().subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels.items()):
         _points(ax, pts, truth, lim, title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_gif(path: Path, n_frames: int, draw: Callable, fps: int = 10, figsize=(4, 4)) -> None:
     """A GIF through matplotlib's PillowWriter; draw(ax, i) paints frame i on a cleared axis."""
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    fig, ax = _plt().subplots(figsize=figsize)
+    fig, ax = pyplot().subplots(figsize=figsize)
     anim = FuncAnimation(fig, lambda i: (ax.clear(), draw(ax, i)), frames=n_frames)
     anim.save(str(path), writer=PillowWriter(fps=fps), dpi=80)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def gif_points(path: Path, frames: Sequence[np.ndarray], titles: Sequence[str], truth=None,
@@ -825,250 +931,3 @@ def distance_report(samples: np.ndarray, sample_truth: Callable[[int, int], np.n
             found["swd" + key].append(sliced_wasserstein(x, a, seed=r))
             found["mmd" + key].append(mmd_rbf(x, a))
     return {**{k: float(np.mean(v)) for k, v in found.items()}, "n": n}
-
-
-# -- the digit judge: sample quality of the MNIST scripts ----------------------------------------
-
-# The judge's recipe, fixed before it judged any sample; a change here retrains the cached judge.
-JUDGE = dict(steps=1400, batch=128, outliers=32, lr=3e-3, width=16, features=64, shift=2, seed=0)
-
-
-class JudgeNet(nn.Module):
-    """A small CNN classifier: strided 3x3 convolutions 28 -> 14 -> 7 with widths w, 2w, 4w, then
-    `features` hidden units (the penultimate features FID is computed in) and 10 logits."""
-
-    def __init__(self, width: int = 16, features: int = 64):
-        super().__init__()
-        w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(1, w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.Flatten(),
-            nn.Dropout(0.25), nn.Linear(4 * w * 49, features))
-        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.25), nn.Linear(features, 10))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, features) for images (N, 1, 28, 28) in [-1, 1]."""
-        f = self.body(x)
-        return self.head(f), f
-
-
-def outlier_images(n: int, generator: torch.Generator) -> torch.Tensor:
-    """n images that are no class: uniform noise, half of it smoothed into blobs (3x3 to 7x7)."""
-    x = torch.rand(n, 1, 28, 28, generator=generator) * 2 - 1
-    k = 2 * int(torch.randint(1, 4, (1,), generator=generator)) + 1
-    smooth = F.avg_pool2d(x[: n // 2], k, stride=1, padding=k // 2, count_include_pad=False)
-    x[: n // 2] = smooth / smooth.abs().amax((1, 2, 3), keepdim=True)
-    return x
-
-
-def train_judge(images: torch.Tensor, labels: torch.Tensor, recipe: dict) -> JudgeNet:
-    """Adam with a one-cycle rate on random shifts of up to `shift` pixels, images in [-1, 1];
-    outlier exposure (Hendrycks et al. 2019): `outliers` noise images per batch are trained
-    towards the uniform distribution over classes, so noise is not classified confidently."""
-    gen = torch.Generator().manual_seed(recipe["seed"])
-    torch.manual_seed(recipe["seed"])
-    net, s = JudgeNet(recipe["width"], recipe["features"]), recipe["shift"]
-    opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=recipe["steps"])
-    padded = F.pad(images, (s, s, s, s), value=-1.0)
-    net.train()
-    for _ in range(recipe["steps"]):
-        idx = torch.randint(len(images), (recipe["batch"],), generator=gen)
-        dy, dx = torch.randint(2 * s + 1, (2, len(idx), 1), generator=gen) + torch.arange(28)
-        x = padded[idx[:, None, None], 0, dy[:, :, None], dx[:, None, :]].unsqueeze(1)
-        logits = net(torch.cat([x, outlier_images(recipe["outliers"], gen)]))[0]
-        loss = F.cross_entropy(logits[: len(idx)], labels[idx])
-        loss = loss - logits[len(idx):].log_softmax(-1).mean() - math.log(10)  # CE to uniform
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return net.eval()
-
-
-@torch.no_grad()
-def judge_outputs(net: JudgeNet, x: torch.Tensor, batch: int = 1000):
-    """Class probabilities and penultimate features (float64) of images in [-1, 1]."""
-    out = [net(x[i:i + batch].float().clamp(-1, 1)) for i in range(0, len(x), batch)]
-    return (torch.cat([o[0].softmax(-1).double() for o in out]),
-            torch.cat([o[1].double() for o in out]))
-
-
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
-    """||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) of two feature sets (Heusel et al.
-    2017, the FID formula), in float64 with scipy's sqrtm."""
-    from scipy import linalg
-
-    f1, f2 = f1.double().numpy(), f2.double().numpy()
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():  # singular product: offset both, as pytorch-fid does
-        off = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    mean_gap = ((f1.mean(0) - f2.mean(0)) ** 2).sum()
-    return float(mean_gap + np.trace(s1 + s2 - 2 * np.real(covmean)))
-
-
-def labelled_images(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 1, 28, 28) images in [-1, 1] and their labels, from torchvision's MNIST-style files."""
-    ds = torchvision_dataset(name, root, train, transform=None)
-    return ds.data[:, None].float().div(127.5).sub(1), ds.targets.long()
-
-
-def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, dict, dict]:
-    """The judge of dataset `name`, trained once on its training split and cached in root/judge
-    (or ~/.cache/diffusion-from-scratch when root is read-only), keyed by the dataset, its size
-    and JUDGE. Returns the network, its record (test accuracy, training seconds) and the data
-    {"train": images, "test": images} it was keyed on."""
-    import hashlib
-
-    (train_x, train_y), (test_x, test_y) = (labelled_images(name, root, s) for s in (True, False))
-    key = json.dumps([name, len(train_x), int(train_x.sum()), JUDGE], sort_keys=True)
-    fname = f"judge-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    folders = [Path(root) / "judge", Path.home() / ".cache" / "diffusion-from-scratch"]
-    data, net = {"train": train_x, "test": test_x}, JudgeNet(JUDGE["width"], JUDGE["features"])
-    for path in (f / fname for f in folders if (f / fname).exists()):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["model"])
-        return net.eval(), saved["record"], data
-    if not quiet:
-        print(f"training the {name} judge once ({JUDGE['steps']} steps, about a minute on a CPU)")
-    t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        net = train_judge(train_x, train_y, JUDGE)
-    accuracy = (judge_outputs(net, test_x)[0].argmax(1) == test_y).double().mean()
-    record = {"dataset": name, "train_images": len(train_x), "train_s": time.perf_counter() - t0,
-              "test_accuracy": float(accuracy), **JUDGE}
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(folder / fname, {"model": net.state_dict(), "record": record}, "judge")
-            break
-        except OSError:
-            continue
-    return net, record, data
-
-
-def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, draws: int = 5,
-                  min_ratio: float = 2.0, quiet: bool = False) -> dict:
-    """Judge n samples (N, 1, 28, 28) in [-1, 1] against the held-out test split of `name`:
-    confident: share classified with probability > 0.9; class_shares of the 10 classes;
-    fid: Frechet distance to all test images in the judge's features (depends on n: compare
-    only at equal n). Floors beside them: real_confident of the test images, and real_fid, the
-    mean (and std) over `draws` sets of n training images of their FID to the same test images.
-    fid is None when n < min_ratio x features."""
-    net, record, data = load_judge(name, root, quiet)
-    n, (probs, feats) = len(samples), judge_outputs(net, samples)
-    real_probs, real_feats = judge_outputs(net, data["test"])
-    shares = torch.bincount(probs.argmax(1), minlength=10).double() / max(n, 1)
-    out = {"n": n, "confident": float((probs.max(1).values > 0.9).double().mean()),
-           "real_confident": float((real_probs.max(1).values > 0.9).double().mean()),
-           "class_shares": [round(float(s), 4) for s in shares],
-           "class_share_max_dev": float((shares - 0.1).abs().max()),
-           "fid": None, "real_fid": None, "judge_test_accuracy": record["test_accuracy"]}
-    if n < min_ratio * feats.shape[1]:
-        out["fid_note"] = f"n = {n} is below {min_ratio:g} x {feats.shape[1]} features: no FID"
-        return out
-    gen, train_x = torch.Generator().manual_seed(seed), data["train"]
-    floors = [frechet_distance(judge_outputs(net, train_x[torch.randperm(
-        len(train_x), generator=gen)[:n]])[1], real_feats) for _ in range(draws)]
-    out["fid"] = frechet_distance(feats, real_feats)
-    out["real_fid"], out["real_fid_std"] = float(np.mean(floors)), float(np.std(floors))
-    return out
-
-
-def judge_line(j: dict) -> str:
-    fid = "FID n/a" if j["fid"] is None else (
-        f"FID {j['fid']:.1f} (real {j['real_fid']:.1f} +- {j['real_fid_std']:.1f})")
-    return (f"judge on {j['n']} samples: {fid}, confident {j['confident']:.1%} (real "
-            f"{j['real_confident']:.1%}), class shares within "
-            f"{j['class_share_max_dev']:.3f} of 0.1")
-
-
-def judge_file(argv: list[str] | None = None) -> dict:
-    """`python common.py SAMPLES.pt [--dataset mnist] [--data-dir data]`: judge saved samples."""
-    parser = argparse.ArgumentParser(description="judge saved samples (N, 1, 28, 28) in [-1, 1]")
-    parser.add_argument("samples", type=Path)
-    parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    args = parser.parse_args(argv)
-    if not args.samples.is_file():
-        raise UserError(f"no samples at {args.samples}")
-    samples = torch.load(args.samples, map_location="cpu", weights_only=True)
-    result = judge_samples(samples.float(), args.dataset, args.data_dir)
-    print(judge_line(result))
-    return result
-
-
-# -- distributed data parallel (torchrun) --------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def ddp_setup(device: torch.device) -> tuple[Dist, torch.device]:
-    """Read torchrun's environment and start the process group (NCCL on CUDA, gloo on CPU).
-    A plain `python script.py` returns Dist() and the device unchanged."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local), device
-
-
-@contextmanager
-def all_ranks_agree(d: Dist, device: torch.device):
-    """A UserError in the block on any rank becomes one on every rank (one all-reduce at its end),
-    so that a bad flag or file seen by one process stops them all before training starts."""
-    failed = None
-    try:
-        yield
-    except UserError as err:
-        failed = err
-    if d.enabled:
-        flag = torch.tensor([float(failed is not None)], device=device)
-        torch.distributed.all_reduce(flag)
-        if failed is None and flag.item() > 0:
-            failed = UserError("stopped: another process failed (its message is above)")
-    if failed is not None:
-        raise failed
-
-
-def ddp_param_divergence(model: nn.Module, d: Dist, device: torch.device) -> float:
-    """Largest absolute difference of any parameter between rank 0 and the other ranks:
-    0.0 when DistributedDataParallel kept the replicas in sync (0.0 without DDP)."""
-    if not d.enabled:
-        return 0.0
-    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()]).to(device)
-    parts = [torch.empty_like(flat) for _ in range(d.world_size)]
-    torch.distributed.all_gather(parts, flat)
-    return float(max((p - parts[0]).abs().max().item() for p in parts))
-
-
-def ddp_cleanup(d: Dist) -> None:
-    """After training: every rank leaves the process group (the caller then lets only rank 0
-    sample, evaluate and plot)."""
-    if d.enabled:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    cli_entry(judge_file)

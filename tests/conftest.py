@@ -86,6 +86,6 @@ def tiny_mnist(tmp_path):
 def quick_judge(monkeypatch):
     """The digit judge's own recipe trains for about a minute; in tests it trains a few steps
     (the recipe is part of the judge's cache key, so no test reuses a real judge)."""
-    import common
+    import judge
 
-    monkeypatch.setitem(common.JUDGE, "steps", 20)
+    monkeypatch.setitem(judge.JUDGE, "steps", 20)

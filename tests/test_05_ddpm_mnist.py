@@ -297,7 +297,7 @@ def test_user_errors(tmp_path):
             ddpm.main(["--preset", "smoke", "--out", str(tmp_path), "--eta", eta])
     with pytest.raises(SystemExit):
         ddpm.main(["--preset", "smoke", "--out", str(tmp_path), "--dataset", "cifar10"])
-    for flags, words in ((["--sampling-steps", "51"], "sampling-steps <= T = 50"),
+    for flags, words in ((["--sampling-steps", "51"], "sampling-steps must be at most T = 50"),
                          (["--bound-strata", "50"], "bound-strata"),
                          (["--n-samples", "0"], "n-samples"),
                          (["--table", "(('euler', 5),)"], "--table")):

@@ -337,9 +337,9 @@ def write_json(path: Path, obj) -> None:
 
 def prepare_out(out: Path) -> Path:
     """Create the output folder and check that it takes files, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; pass a folder")
     try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder; pass a folder")
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as err:

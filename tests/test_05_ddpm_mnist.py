@@ -300,7 +300,14 @@ def test_user_errors(tmp_path):
     for flags, words in ((["--sampling-steps", "51"], "sampling-steps must be at most T = 50"),
                          (["--bound-strata", "50"], "bound-strata"),
                          (["--n-samples", "0"], "n-samples"),
-                         (["--table", "(('euler', 5),)"], "--table")):
+                         (["--table", "(('euler', 5),)"], "--table"),
+                         (["--table", "()"], "--table"),
+                         (["--mults", "2"], "--mults"), (["--mults", "0,1"], "--mults"),
+                         (["--base", "7"], "--base"), (["--base", "0"], "--base"),
+                         (["--dropout", "2"], "--dropout"),
+                         (["--num-res-blocks", "1,2,3"], "--num-res-blocks"),
+                         (["--attn-levels", "1"], "--attn-levels"),
+                         (["--attn-levels", "5,"], "--attn-levels")):
         with pytest.raises(ddpm.common.UserError, match=words):
             ddpm.main(["--preset", "smoke", "--out", str(tmp_path), *flags])
     # a checkpoint of an older layout (keys opt, rng) is refused in one line, not a KeyError

@@ -25,13 +25,10 @@ q_sigma, the very path annealed Langevin already walks.
     python 01_exact_score_langevin.py                # --preset cpu, about a minute on 2 cores
 
 Writes to runs/01_exact_score_langevin/: config.json, metrics.json (per sampler: sliced
-Wasserstein and MMD to fresh ground truth beside the real-vs-real floor, recovered mixture
-weights, within-mode spread), samples.pt (a dict sampler name -> (N, 2) tensor), samples.png
-(each sampler over the truth), score_field.png (density contours and the score as arrows at
-three noise levels), weights.png (the weight bar chart), annealed_langevin.gif,
-sde_ode_trajectories.png (SDE and ODE paths from the same x(T)); metrics.json also holds the
-ODE log-likelihood's error ("ode_likelihood"). Nothing is trained here, so there is no ckpt.pt
-and no loss.png, and no --resume or --sample-only.
+Wasserstein and MMD to fresh ground truth beside the real-vs-real floor, recovered weights,
+within-mode spread; the ODE log-likelihood's error), samples.pt (sampler name -> (N, 2) tensor),
+samples.png, score_field.png, annealed_langevin.gif, sde_ode_trajectories.png. Nothing is
+trained: no ckpt.pt, no loss.png, no --resume or --sample-only.
 """
 
 from __future__ import annotations
@@ -82,11 +79,13 @@ class Config:
     trajectories: int = 16  # particles drawn in sde_ode_trajectories.png
 
     def __post_init__(self):
-        for f in fields(self):  # every setting here is a count or a size
-            if getattr(self, f.name) <= 0:
-                raise common.UserError(f"--{f.name.replace('_', '-')} must be > 0")
-        if not (self.sigma_L < self.sigma_1 and self.beta_min < self.beta_max):
-            raise common.UserError("need --sigma-L < --sigma-1 and --beta-min < --beta-max")
+        for f in fields(self):  # every setting is a count or a size (the flags parse the type)
+            common.check(getattr(self, f.name) > 0, f.name, "> 0")
+        common.check(self.n_samples >= 2, "n_samples", "at least 2 (the MMD compares pairs)")
+        common.check(self.sigma_L < self.sigma_1, "sigma_L", f"below --sigma-1 ({self.sigma_1})")
+        common.check(self.beta_min <= self.beta_max, "beta_min", f"<= --beta-max ({self.beta_max})")
+        common.check(self.sde_eps < 1, "sde_eps", "in (0, 1): the SDE runs on [0, T = 1]")
+        common.check(self.likelihood_eps < 1, "likelihood_eps", "in (0, 1), as --sde-eps")
 
 
 PRESETS = {
@@ -351,7 +350,7 @@ def ode_log_likelihood(score_fn, sde: VPSDE, x: torch.Tensor, eps: float, rtol: 
     return (prior_logp or sde.prior_logp)(z) + delta, z, sol.nfev
 
 
-# -- evaluation and figures ------------------------------------------------------------------
+# -- evaluation, then the figures ------------------------------------------------------------
 
 
 def recovered_weights(x: torch.Tensor, mix: Mixture) -> np.ndarray:
@@ -367,8 +366,7 @@ def spread_ratio(x: torch.Tensor, mix: Mixture) -> float:
     k = noisy_components(x, mix)[0].argmax(0)
     ratios = [torch.trace(torch.linalg.solve(mix.covs[j], torch.cov(x[k == j].T))).item() / 2
               for j in range(len(mix.weights)) if (k == j).sum() > 2]
-    ratios = [math.sqrt(r) for r in ratios]
-    return float(np.mean(ratios))
+    return float(np.mean([math.sqrt(r) for r in ratios]))
 
 
 def distance_reports(sets: dict, sample_truth, repeats: int = 3, seed: int = 0) -> dict:
@@ -377,208 +375,23 @@ def distance_reports(sets: dict, sample_truth, repeats: int = 3, seed: int = 0) 
     n = len(next(iter(sets.values())))
     draws = [(sample_truth(n, seed + 1000 + 2 * r), sample_truth(n, seed + 1001 + 2 * r))
              for r in range(repeats)]
-    swd = lambda x: np.mean([common.sliced_wasserstein(x, a, seed=r)
-                             for r, (a, _) in enumerate(draws)])
+    swd = lambda x: float(np.mean([common.sliced_wasserstein(x, a, seed=r)
+                                   for r, (a, _) in enumerate(draws)]))
+    mmd = lambda x: float(np.mean([common.mmd_rbf(x, a) for a, _ in draws]))
     floor_swd = np.mean([common.sliced_wasserstein(b, a, seed=r) for r, (a, b) in enumerate(draws)])
     floor_mmd = np.mean([common.mmd_rbf(b, a) for a, b in draws])
-    return {name: {"swd": float(swd(x)), "swd_floor": float(floor_swd),
-                   "mmd": float(np.mean([common.mmd_rbf(x, a) for a, _ in draws])),
-                   "mmd_floor": float(floor_mmd), "n": n}
-            for name, x in sets.items()}
-
-
-def plot_score_field(mix: Mixture, sigmas, path, lim: float) -> None:
-    plt = common._plt()
-    fig, axes = plt.subplots(1, len(sigmas), figsize=(4 * len(sigmas), 4))
-    g = torch.linspace(-lim, lim, 200)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-    q = torch.linspace(-lim, lim, 17)
-    qgrid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)
-    for ax, sigma in zip(axes, sigmas):
-        logq = log_prob(grid, mix, sigma).reshape(200, 200)
-        ax.contourf(g, g, logq.clamp_min(logq.max() - 12), levels=16, cmap="Blues")
-        s = score(qgrid, mix, sigma)
-        norm = s.norm(dim=1, keepdim=True)
-        s = s / norm.clamp_min(1e-8) * norm.clamp_max(1).pow(0.5)  # length ~ sqrt, capped at 1
-        ax.quiver(qgrid[:, 0], qgrid[:, 1], s[:, 0], s[:, 1], color="C3", width=0.004, scale=25)
-        ax.set_title(f"log q_sigma (contours) and its score, sigma = {sigma:g}", fontsize=9)
-        ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_weights(true_w, found: dict, path) -> None:
-    plt = common._plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = ["truth"] + list(found)
-    width = 0.8 / len(names)
-    for j, (name, w) in enumerate(zip(names, [true_w] + list(found.values()))):
-        ax.bar(np.arange(len(true_w)) + (j - len(names) / 2 + 0.5) * width, w, width, label=name,
-               color="k" if name == "truth" else f"C{j - 1}")
-    ax.set(xticks=range(len(true_w)), xticklabels=[f"mode {k}" for k in range(len(true_w))],
-           ylabel="weight", title="mixture weights recovered from the samples")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_trajectories(mix: Mixture, sde: VPSDE, paths: dict, path, lim: float) -> None:
-    """The same x(T) ~ N(0, I) taken to t = eps by the reverse SDE and by the probability flow
-    ODE: in the plane over log p_0, and the first coordinate against t over the density of p_t."""
-    plt = common._plt()
-    colors = plt.get_cmap("tab20")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), gridspec_kw={"width_ratios": [1, 1, 1.4]})
-    g = torch.linspace(-lim, lim, 200)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-    logp = log_prob(grid, mix).reshape(200, 200)
-    titles = {"sde": "reverse-time SDE (Eq. 6), Euler-Maruyama",
-              "ode": "probability flow ODE (Eq. 13), RK45"}
-    for ax, (kind, title) in zip(axes[:2], titles.items()):
-        ax.contourf(g, g, logp.clamp_min(logp.max() - 12), levels=12, cmap="Greys", alpha=0.5)
-        xs = np.stack([x for _, x in paths[kind]])  # (steps, particles, 2)
-        for j in range(xs.shape[1]):
-            lw = 0.5 if kind == "sde" else 1.5
-            ax.plot(xs[:, j, 0], xs[:, j, 1], color=colors(j % 20), lw=lw)
-        ax.scatter(xs[0, :, 0], xs[0, :, 1], s=25, c="k", zorder=3, label="x(T) ~ N(0, I)")
-        ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=40, c="w", edgecolors="k", marker="*", zorder=3,
-                   label="x(eps)")
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, aspect="equal")
-        ax.legend(fontsize=8, loc="lower center")
-    ts, x1 = torch.linspace(sde.T, 0, 200), torch.linspace(-lim, lim, 300)
-    normal = lambda mu, var: torch.exp(-0.5 * (x1 - mu) ** 2 / var) / (2 * math.pi * var) ** 0.5
-    p_t = [perturbed_mixture(mix, sde, t) for t in ts.tolist()]
-    dens = torch.stack([sum(w * normal(mu[0], c[0, 0]) for w, mu, c in zip(*p)) for p in p_t])
-    ax = axes[2]
-    ax.imshow(dens.T.sqrt(), origin="lower", aspect="auto", cmap="Greys",
-              extent=(sde.T, 0, -lim, lim))
-    for kind, style in (("sde", dict(lw=0.6)), ("ode", dict(lw=1.8, ls="--"))):
-        t = np.array([t for t, _ in paths[kind]])
-        xs = np.stack([x for _, x in paths[kind]])
-        for j in range(xs.shape[1]):
-            ax.plot(t, xs[:, j, 0], color=colors(j % 20), **style)
-    ax.plot([], [], "k-", lw=0.6, label="SDE")
-    ax.plot([], [], "k--", lw=1.8, label="ODE")
-    ax.set(xlim=(sde.T, 0), ylim=(-lim, lim), xlabel="t (from T = 1 to eps)", ylabel="x_1",
-           title="first coordinate against t over the density of p_t(x_1) (VP SDE)")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-
-
-# -- sampling: every sampler on the same mixture, from the same start ------------------------
-
-
-def starting_points(cfg: Config, seed: int) -> tuple:
-    """The Langevin chains start uniform on [-box, box]^2, the SDE and the ODE from x(T) ~ N(0, I)
-    (the prior p_T); each with its generator, which the samplers then go on drawing from."""
-    gen = torch.Generator().manual_seed(seed)
-    x0 = (torch.rand(cfg.n_samples, 2, generator=gen) * 2 - 1) * cfg.box
-    gen_T = torch.Generator().manual_seed(seed + 1)
-    x_T = torch.randn(cfg.n_samples, 2, generator=gen_T)
-    return x0, gen, x_T, gen_T
-
-
-def make_samplers(cfg: Config, mix: Mixture, starts: tuple, record) -> dict:
-    """name: (run, number of steps); run() returns the points and a dict of extras. record(i, t, x)
-    goes to the annealed Langevin chain of n_levels levels."""
-    x0, gen, x_T, gen_T = starts
-    sde = VPSDE(cfg.beta_min, cfg.beta_max)
-    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
-    coarse = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.coarse_levels)
-    total = cfg.n_levels * cfg.T
-    exact_score = lambda y, sigma=0.0: score(y, mix, sigma)
-    exact_both = lambda y, sigma=0.0: log_prob_and_score(y, mix, sigma)
-    score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
-    rate = lambda out: (out[0], {"accept_rate": out[1]})
-    no_rate = lambda x: (x, {"accept_rate": None})
-    ode = lambda out: (out[0], {"nfe": out[1]})
-    return {
-        "Langevin": (lambda: no_rate(langevin(x0, exact_score, cfg.step, cfg.n_steps, gen)),
-                     cfg.n_steps),
-        "MALA": (lambda: rate(mala(x0, exact_both, cfg.step, cfg.n_steps, gen)), cfg.n_steps),
-        f"annealed Langevin, L={cfg.coarse_levels}": (
-            lambda: no_rate(annealed_langevin(x0, exact_score, coarse, cfg.eps, cfg.T, gen)),
-            cfg.coarse_levels * cfg.T),
-        "annealed Langevin": (
-            lambda: no_rate(annealed_langevin(x0, exact_score, sigmas, cfg.eps, cfg.T, gen,
-                                              record)),
-            total),
-        "annealed MALA": (lambda: rate(annealed_mala(x0, exact_both, sigmas, cfg.eps, cfg.T, gen)),
-                          total),
-        "VP SDE, Euler-Maruyama": (
-            lambda: (sample_sde(score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, gen_T), {}),
-            cfg.sde_steps),
-        "VP prob. flow ODE, RK45": (
-            lambda: ode(sample_ode(score_t, sde, x_T, cfg.sde_eps, cfg.ode_tol, cfg.ode_tol)),
-            None),
-    }
-
-
-def run_samplers(cfg: Config, mix: Mixture, seed: int) -> tuple[dict, dict, list]:
-    """Every sampler in turn, timed. Returns the samples, each sampler's timing and the frames
-    (title, points) of annealed_langevin.gif."""
-    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
-    keep = set(np.linspace(0, cfg.n_levels * cfg.T - 1, cfg.gif_frames).round().astype(int))
-    frames = []
-
-    def record(i, t, x):
-        if i * cfg.T + t in keep:
-            title = f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = {sigmas[i]:.3g}"
-            frames.append((title, x[:1000].numpy().copy()))
-
-    samplers = make_samplers(cfg, mix, starting_points(cfg, seed), record)
-    samples, timings = {}, {}
-    for name, (sample_fn, n_steps) in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
-        t0 = time.perf_counter()
-        samples[name], extras = sample_fn()
-        common.check_finite(samples[name], None, f"a sample of {name}",
-                            "try a smaller --step or --eps")
-        wall = time.perf_counter() - t0
-        timings[name] = {**extras, "n": cfg.n_samples, "wall_s": wall,
-                         "samples_per_s": cfg.n_samples / wall,
-                         "steps_per_s": (n_steps or extras["nfe"]) / wall}
-    return samples, timings, frames
-
-
-# -- evaluation ------------------------------------------------------------------------------
-
-
-def likelihood_report(cfg: Config, mix: Mixture, sde: VPSDE, x: torch.Tensor) -> dict:
-    """log p(x) through the probability flow ODE (Appendix D.2) against the true log-density of
-    the mixture, in float64, with the exact prior p_T (the mixture at T, so only the ODE solve
-    errs) and with the paper's N(0, I) (p_T is not exactly N(0, I): m(1) = 0.0066)."""
-    mix, x = Mixture(*(v.double() for v in mix)), x.double()
-    score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
-    log_p_T = lambda z: log_prob(z, perturbed_mixture(mix, sde, sde.T))
-    t0 = time.perf_counter()
-    logp, z, nfe = ode_log_likelihood(score_t, sde, x, cfg.likelihood_eps, cfg.ode_tol,
-                                      cfg.ode_tol, prior_logp=log_p_T)
-    wall = time.perf_counter() - t0
-    err = logp - log_prob(x, mix)
-    err_normal_prior = err + sde.prior_logp(z) - log_p_T(z)
-    return {"n": len(x), "mean_log_p": log_prob(x, mix).mean().item(),
-            "mae_nats": err.abs().mean().item(), "max_abs_error_nats": err.abs().max().item(),
-            "mae_nats_normal_prior": err_normal_prior.abs().mean().item(),
-            "nfe": nfe, "wall_s": wall}
-
-
-def truth_draw(mix: Mixture, n: int, seed: int) -> np.ndarray:
-    return sample_mixture(mix, n, torch.Generator().manual_seed(seed)).numpy()
+    return {name: {"swd": swd(x), "swd_floor": float(floor_swd), "mmd": mmd(x),
+                   "mmd_floor": float(floor_mmd), "n": n} for name, x in sets.items()}
 
 
 def evaluate(cfg: Config, mix: Mixture, samples: dict, timings: dict, seed: int) -> dict:
-    """Per sampler: sliced Wasserstein and MMD to fresh draws beside the real-vs-real floor, the
-    recovered weights and the within-mode spread; then the error of the ODE's log-likelihood."""
+    """Per sampler: distances to fresh draws beside their floor, weights, spread. Then the ODE's
+    log p(x) (Appendix D.2) in float64 against the truth, with the exact prior p_T (so only the
+    ODE solve errs) and with the paper's N(0, I) (p_T is not exactly N(0, I): m(1) = 0.0066)."""
     t0 = time.perf_counter()
-    truth = lambda n, s: truth_draw(mix, n, s)
+    truth = lambda n, s: sample_mixture(mix, n, torch.Generator().manual_seed(s)).numpy()
     reports = distance_reports({k: x.numpy() for k, x in samples.items()}, truth, seed=seed)
-    true_w = mix.weights.numpy()
-    results = {}
+    true_w, results = mix.weights.numpy(), {}
     for name, x in samples.items():
         w = recovered_weights(x, mix)
         r = results[name] = {**timings[name], **reports[name], "weights": w.tolist(),
@@ -587,12 +400,21 @@ def evaluate(cfg: Config, mix: Mixture, samples: dict, timings: dict, seed: int)
         print(f"{name:24s} sliced W2 {r['swd']:.3f} (floor {r['swd_floor']:.3f})  weights "
               f"{np.round(w, 3).tolist()} (true {np.round(true_w.astype(float), 3).tolist()})  "
               f"mode width x{r['spread_ratio']:.3f}")
-    held_out = torch.from_numpy(truth(cfg.likelihood_points, seed + 9))
-    likelihood = likelihood_report(cfg, mix, VPSDE(cfg.beta_min, cfg.beta_max), held_out)
-    print(f"ODE log-likelihood of {likelihood['n']} mixture draws: mean |error| "
-          f"{likelihood['mae_nats']:.2e} nats with the exact p_T, "
-          f"{likelihood['mae_nats_normal_prior']:.2e} with the prior N(0, I)")
-    reference = torch.from_numpy(truth(cfg.n_samples, seed + 7))
+    mix64, sde = Mixture(*(v.double() for v in mix)), VPSDE(cfg.beta_min, cfg.beta_max)
+    x = torch.from_numpy(truth(cfg.likelihood_points, seed + 9)).double()
+    log_p_T = lambda z: log_prob(z, perturbed_mixture(mix64, sde, sde.T))
+    t1 = time.perf_counter()
+    logp, z, nfe = ode_log_likelihood(lambda y, t: score(y, perturbed_mixture(mix64, sde, t)), sde,
+                                      x, cfg.likelihood_eps, cfg.ode_tol, cfg.ode_tol, log_p_T)
+    wall, err = time.perf_counter() - t1, logp - log_prob(x, mix64)
+    err_normal_prior = err + sde.prior_logp(z) - log_p_T(z)
+    likelihood = {"n": len(x), "mean_log_p": log_prob(x, mix64).mean().item(),
+                  "mae_nats": err.abs().mean().item(), "max_abs_error_nats": err.abs().max().item(),
+                  "mae_nats_normal_prior": err_normal_prior.abs().mean().item(),
+                  "nfe": nfe, "wall_s": wall}
+    print(f"ODE log-likelihood of {len(x)} mixture draws: mean |error| {likelihood['mae_nats']:.2e}"
+          f" nats with the exact p_T, {likelihood['mae_nats_normal_prior']:.2e} with N(0, I)")
+    reference = torch.from_numpy(truth(cfg.n_samples, seed + 7))  # as in samples.png
     return {"true_weights": mix.weights.tolist(),
             "weights_of_true_samples": recovered_weights(reference, mix).tolist(),
             "samplers": results, "ode_likelihood": likelihood,
@@ -600,61 +422,135 @@ def evaluate(cfg: Config, mix: Mixture, samples: dict, timings: dict, seed: int)
             "evaluation_s": time.perf_counter() - t0}
 
 
-# -- figures ---------------------------------------------------------------------------------
+def plot_trajectories(cfg: Config, mix: Mixture, x_T: torch.Tensor, path) -> None:
+    """The same x(T) ~ N(0, I) taken to t = eps by the reverse SDE and by the probability flow
+    ODE: in the plane over log p_0, and the first coordinate against t over the density of p_t."""
+    sde, lim, paths = VPSDE(cfg.beta_min, cfg.beta_max), cfg.box, {"SDE": [], "ODE": []}
+    score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
+    keep = lambda kind: lambda t, x: paths[kind].append((t, x.numpy().copy()))
+    sample_sde(score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, torch.Generator().manual_seed(0),
+               record=keep("SDE"))
+    sample_ode(score_t, sde, x_T, cfg.sde_eps, cfg.ode_tol, cfg.ode_tol, record=keep("ODE"))
+    colors = common.pyplot().get_cmap("tab20")
+    fig, axes = common.pyplot().subplots(1, 3, figsize=(15, 5),
+                                         gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    g = torch.linspace(-lim, lim, 200)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    logp = log_prob(grid, mix).reshape(200, 200)
+    titles = ("reverse-time SDE (Eq. 6), Euler-Maruyama", "probability flow ODE (Eq. 13), RK45")
+    for ax, kind, title, lw, ls in zip(axes, paths, titles, (0.6, 1.8), ("-", "--")):
+        ts, xs = np.array([t for t, _ in paths[kind]]), np.stack([x for _, x in paths[kind]])
+        ax.contourf(g, g, logp.clamp_min(logp.max() - 12), levels=12, cmap="Greys", alpha=0.5)
+        for j in range(xs.shape[1]):  # xs: (steps, particles, 2)
+            ax.plot(xs[:, j, 0], xs[:, j, 1], color=colors(j % 20), lw=0.5 if ls == "-" else 1.5)
+            axes[2].plot(ts, xs[:, j, 0], color=colors(j % 20), lw=lw, ls=ls)
+        axes[2].plot([], [], "k", lw=lw, ls=ls, label=kind)
+        ax.scatter(xs[0, :, 0], xs[0, :, 1], s=25, c="k", zorder=3, label="x(T) ~ N(0, I)")
+        ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=40, c="w", edgecolors="k", marker="*", zorder=3,
+                   label="x(eps)")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, aspect="equal")
+        ax.legend(fontsize=8, loc="lower center")
+    x1 = torch.linspace(-lim, lim, 300)
+    normal = lambda mu, var: torch.exp(-0.5 * (x1 - mu) ** 2 / var) / (2 * math.pi * var) ** 0.5
+    p_t = [perturbed_mixture(mix, sde, t) for t in torch.linspace(sde.T, 0, 200).tolist()]
+    dens = torch.stack([sum(w * normal(mu[0], c[0, 0]) for w, mu, c in zip(*p)) for p in p_t])
+    axes[2].imshow(dens.T.sqrt(), origin="lower", aspect="auto", cmap="Greys",
+                   extent=(sde.T, 0, -lim, lim))
+    axes[2].set(xlim=(sde.T, 0), ylim=(-lim, lim), xlabel="t (from T = 1 to eps)", ylabel="x_1",
+                title="first coordinate against t over the density of p_t(x_1) (VP SDE)")
+    axes[2].legend(fontsize=8, loc="lower left")
+    common.save_figure(fig, path)
 
 
-def figures(cfg: Config, mix: Mixture, samples: dict, metrics: dict, frames: list, seed: int,
-            out) -> None:
+def figures(cfg: Config, mix: Mixture, samples: dict, frames: list, seed: int, out) -> None:
     lim, shown = cfg.box, min(cfg.n_samples, 2000)  # fewer points: the density of each mode shows
-    reference = truth_draw(mix, cfg.n_samples, seed + 7)
-    found = {k: np.asarray(v["weights"]) for k, v in metrics["samplers"].items()}
-    panels = {f"{k}\nweights {np.round(found[k], 2).tolist()}": v[:shown].numpy()
-              for k, v in samples.items()}
+    reference = sample_mixture(mix, cfg.n_samples, torch.Generator().manual_seed(seed + 7)).numpy()
+    panels = {f"{k}\nweights {np.round(recovered_weights(x, mix), 2).tolist()}": x[:shown].numpy()
+              for k, x in samples.items()}
     truth_title = f"ground truth\nweights {np.round(mix.weights.double().numpy(), 2).tolist()}"
     common.scatter_2d({truth_title: reference[:shown], **panels}, reference[:shown],
                       out / "samples.png", lim=lim)
-    plot_score_field(mix, [0.0, 1.0, 3.0], out / "score_field.png", lim)
-    plot_weights(mix.weights.numpy(), found, out / "weights.png")
+    fig, axes = common.pyplot().subplots(1, 3, figsize=(12, 4))
+    g, q = torch.linspace(-lim, lim, 200), torch.linspace(-lim, lim, 17)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    qgrid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)
+    for ax, sigma in zip(axes, [0.0, 1.0, 3.0]):  # log q_sigma and its score at three levels
+        logq = log_prob(grid, mix, sigma).reshape(200, 200)
+        ax.contourf(g, g, logq.clamp_min(logq.max() - 12), levels=16, cmap="Blues")
+        s = score(qgrid, mix, sigma)
+        norm = s.norm(dim=1, keepdim=True)
+        s = s / norm.clamp_min(1e-8) * norm.clamp_max(1).pow(0.5)  # length ~ sqrt, capped at 1
+        ax.quiver(qgrid[:, 0], qgrid[:, 1], s[:, 0], s[:, 1], color="C3", width=0.004, scale=25)
+        ax.set_title(f"log q_sigma (contours) and its score, sigma = {sigma:g}", fontsize=9)
+        ax.set_aspect("equal")
+    common.save_figure(fig, out / "score_field.png")
     titles, points = zip(*frames)
     common.gif_points(out / "annealed_langevin.gif", points, titles, truth=reference[:1000],
                       lim=lim)
-    sde = VPSDE(cfg.beta_min, cfg.beta_max)
-    score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
-    x_T = starting_points(cfg, seed)[2][:cfg.trajectories]
-    paths = {"sde": [], "ode": []}
-    sample_sde(score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, torch.Generator().manual_seed(0),
-               record=lambda t, x: paths["sde"].append((t, x.numpy().copy())))
-    sample_ode(score_t, sde, x_T, cfg.sde_eps, cfg.ode_tol, cfg.ode_tol,
-               record=lambda t, x: paths["ode"].append((t, x.numpy().copy())))
-    plot_trajectories(mix, sde, paths, out / "sde_ode_trajectories.png", lim)
+    x_T = torch.randn(cfg.n_samples, 2, generator=torch.Generator().manual_seed(seed + 1))
+    plot_trajectories(cfg, mix, x_T[:cfg.trajectories], out / "sde_ode_trajectories.png")
 
 
-# -- main ------------------------------------------------------------------------------------
+# -- main: every sampler on the same mixture, from the same start ----------------------------
 
 
-def configure(args) -> tuple:
-    """The preset with the flags given on top (common.run_config); writes config.json."""
-    out = common.prepare_out(args.out)
-    device = common.get_device(args.device)
-    if device.type != "cpu":
-        print(f"2-D chains of a few thousand points are fastest on the CPU; ignoring --device "
-              f"{device}")
-    preset, cfg, _ = common.run_config(args, Config, PRESETS, STEM, FREE, device)
-    common.seed_everything(args.seed)
-    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
-    return cfg, preset, out
+def run_sampler(name: str, sample_fn, n_steps: int | None, extra: str | None, n: int):
+    """sample_fn() -> (points, value of `extra`), timed; the points must be finite. Returns them
+    and the sampler's entry of metrics.json (with n_steps None, steps/s counts the NFE)."""
+    t0 = time.perf_counter()
+    x, value = sample_fn()
+    common.check_finite(x, None, f"a sample of {name}", "try a smaller --step or --eps")
+    wall = time.perf_counter() - t0
+    return x, {**({extra: value} if extra else {}), "n": n, "wall_s": wall,
+               "samples_per_s": n / wall, "steps_per_s": (n_steps or value) / wall}
 
 
 def main(argv=None) -> dict:
     args = common.parse_args(argv, __doc__, Config, PRESETS, STEM, trains=False)
-    cfg, preset, out = configure(args)
+    out, device = common.prepare_out(args.out), common.get_device(args.device)
+    if device.type != "cpu":
+        print(f"2-D chains run fastest on the CPU; ignoring --device {device}")
+    preset, cfg, _ = common.run_config(args, Config, PRESETS, STEM, FREE, device)
+    common.seed_everything(args.seed)
+    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
     t0 = time.perf_counter()
     with common.one_thread():
-        mix = make_mixture(cfg.components, cfg.radius)
-        samples, timings, frames = run_samplers(cfg, mix, args.seed)
+        mix, sde = make_mixture(cfg.components, cfg.radius), VPSDE(cfg.beta_min, cfg.beta_max)
+        # Langevin chains start uniform on [-box, box]^2, the SDE and the ODE from x(T) ~ N(0, I)
+        gen, gen_T = (torch.Generator().manual_seed(args.seed + i) for i in (0, 1))
+        x0 = (torch.rand(cfg.n_samples, 2, generator=gen) * 2 - 1) * cfg.box
+        x_T = torch.randn(cfg.n_samples, 2, generator=gen_T)
+        sigmas, coarse = (geometric_sigmas(cfg.sigma_1, cfg.sigma_L, k)
+                          for k in (cfg.n_levels, cfg.coarse_levels))
+        exact = lambda y, sigma=0.0: score(y, mix, sigma)  # the exact scores: no network
+        both = lambda y, sigma=0.0: log_prob_and_score(y, mix, sigma)
+        score_t = lambda y, t: score(y, perturbed_mixture(mix, sde, t))
+        acc, n, L = "accept_rate", cfg.n_steps, cfg.n_levels * cfg.T
+        keep, frames = set(np.linspace(0, L - 1, cfg.gif_frames).round().astype(int)), []
+
+        def record(i, t, x):  # the (title, first 1000 points) frames of annealed_langevin.gif
+            if i * cfg.T + t in keep:
+                frames.append((f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = "
+                               f"{sigmas[i]:.3g}", x[:1000].numpy().copy()))
+        samplers = {  # name: (sample_fn() -> (points, extra), its steps, the extra's name)
+            "Langevin": (lambda: (langevin(x0, exact, cfg.step, n, gen), None), n, acc),
+            "MALA": (lambda: mala(x0, both, cfg.step, n, gen), n, acc),
+            f"annealed Langevin, L={cfg.coarse_levels}": (lambda: (annealed_langevin(
+                x0, exact, coarse, cfg.eps, cfg.T, gen), None), cfg.coarse_levels * cfg.T, acc),
+            "annealed Langevin": (lambda: (annealed_langevin(
+                x0, exact, sigmas, cfg.eps, cfg.T, gen, record), None), L, acc),
+            "annealed MALA": (lambda: annealed_mala(x0, both, sigmas, cfg.eps, cfg.T, gen), L, acc),
+            "VP SDE, Euler-Maruyama": (lambda: (sample_sde(
+                score_t, sde, x_T, cfg.sde_steps, cfg.sde_eps, gen_T), None), cfg.sde_steps, None),
+            "VP prob. flow ODE, RK45": (lambda: sample_ode(
+                score_t, sde, x_T, cfg.sde_eps, cfg.ode_tol, cfg.ode_tol), None, "nfe"),
+        }
+        samples, timings = {}, {}
+        for name, spec in tqdm(samplers.items(), desc="samplers", mininterval=1.0):
+            samples[name], timings[name] = run_sampler(name, *spec, cfg.n_samples)
         torch.save({k: v.clone() for k, v in samples.items()}, out / "samples.pt")
         metrics = {"preset": preset, **evaluate(cfg, mix, samples, timings, args.seed)}
-        figures(cfg, mix, samples, metrics, frames, args.seed, out)
+        figures(cfg, mix, samples, frames, args.seed, out)
     metrics["wall_s_total"] = time.perf_counter() - t0
     common.write_json(out / "metrics.json", metrics)
     return metrics

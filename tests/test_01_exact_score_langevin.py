@@ -99,7 +99,6 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_its_outputs(smoke_run):
     out, metrics = smoke_run
     for name in ("config.json", "metrics.json", "samples.pt", "samples.png", "score_field.png",
-                 "weights.png",
                  "annealed_langevin.gif", "sde_ode_trajectories.png"):
         assert (out / name).stat().st_size > 0, name
     names = list(metrics["samplers"])
@@ -133,11 +132,51 @@ def test_resume_is_refused_and_bad_flags_fail(tmp_path):
             m.main([flag, "--out", str(tmp_path)])
     with pytest.raises(common.UserError, match="--components must be > 0"):
         m.main(["--components", "0", "--out", str(tmp_path)])
-    with pytest.raises(common.UserError, match="--sigma-L < --sigma-1"):
+    with pytest.raises(common.UserError, match="--sigma-L must be below --sigma-1"):
         m.main(["--sigma-L", "20", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         m.main(["--step", "-1", "--out", str(tmp_path)])
     assert not (tmp_path / "config.json").exists()
+
+
+BAD_VALUES = [  # (flag, value, message): every Config field at least once
+    ("--components", "0", "--components must be > 0"),
+    ("--radius", "0", "--radius must be > 0"),
+    ("--n-samples", "1", "--n-samples must be at least 2"),
+    ("--box", "0", "--box must be > 0"),
+    ("--step", "0", "--step must be > 0"),
+    ("--n-steps", "0", "--n-steps must be > 0"),
+    ("--sigma-1", "0", "--sigma-1 must be > 0"),
+    ("--sigma-L", "0", "--sigma-L must be > 0"),
+    ("--sigma-L", "10", "--sigma-L must be below --sigma-1"),
+    ("--n-levels", "0", "--n-levels must be > 0"),
+    ("--coarse-levels", "0", "--coarse-levels must be > 0"),
+    ("--T", "0", "--T must be > 0"),
+    ("--eps", "0", "--eps must be > 0"),
+    ("--gif-frames", "0", "--gif-frames must be > 0"),
+    ("--beta-min", "0", "--beta-min must be > 0"),
+    ("--beta-min", "30", "--beta-min must be <= --beta-max"),
+    ("--beta-max", "0", "--beta-max must be > 0"),
+    ("--sde-steps", "0", "--sde-steps must be > 0"),
+    ("--sde-eps", "1", "--sde-eps must be in \\(0, 1\\)"),
+    ("--ode-tol", "0", "--ode-tol must be > 0"),
+    ("--likelihood-eps", "2", "--likelihood-eps must be in \\(0, 1\\)"),
+    ("--likelihood-points", "0", "--likelihood-points must be > 0"),
+    ("--trajectories", "0", "--trajectories must be > 0"),
+]
+
+
+@pytest.mark.parametrize("flag, value, match", BAD_VALUES)
+def test_every_setting_is_checked_with_one_line_naming_its_flag(tmp_path, flag, value, match):
+    with pytest.raises(common.UserError, match=match) as err:
+        m.main(["--preset", "smoke", "--out", str(tmp_path), flag, value])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "config.json").exists()  # refused before any work
+
+
+def test_bad_values_cover_every_config_field():
+    flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(m.Config)}
+    assert flags == {flag for flag, _, _ in BAD_VALUES}
 
 
 def test_presets_are_differences_from_the_papers_values():

@@ -29,9 +29,9 @@ without being told sigma, which any encoder-decoder with skips does.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ import common
 # -- config: the paper's CIFAR-10 values; presets hold what differs ----------------------------
 
 
-@dataclasses.dataclass
+@dataclass
 class Config:
     # training images: "" reads CIFAR-10 through torchvision from --data-dir; else a folder with
     # one sub-folder per class (torchvision ImageFolder), resized and centre-cropped
@@ -77,16 +77,18 @@ class Config:
     eval_levels: int = 24  # noise levels on that curve (evenly spaced indices)
 
     def __post_init__(self):
-        least = max(4, 2 ** (len(self.mults) - 1))
-        if self.image_size < least:
+        for name in ("image_size", "n_steps_each", "sigma1_subset", "steps", "batch_size",
+                     "n_samples", "n_test", "eval_levels"):
+            common.check(getattr(self, name) >= 1, name, "at least 1")
+        common.check_unet(self)
+        if self.image_size < (least := max(4, 2 ** (len(self.mults) - 1))):
             raise common.UserError(f"--image-size {self.image_size} is too small for this U-Net "
                                    f"(--mults {self.mults}); use at least {least}")
-        for name in ("steps", "batch_size", "lr", "sigma_end", "n_steps_each", "sigma1_subset",
-                     "n_samples", "n_test", "eval_levels"):
-            if not getattr(self, name) > 0:
-                raise common.UserError(f"--{name.replace('_', '-')} must be above 0")
-        if not self.ema_decay < 1:
-            raise common.UserError("--ema-decay must be below 1")
+        common.check(self.sigma_end > 0, "sigma_end", "above 0 (and below sigma_1)")
+        common.check(self.lr > 0, "lr", "above 0")
+        common.check(0 <= self.ema_decay < 1, "ema_decay", "below 1 (and at least 0)")
+        common.check(self.warmup >= 0, "warmup", "at least 0")
+        common.check(self.minutes >= 0, "minutes", "at least 0")
 
 
 PRESETS = {
@@ -111,67 +113,47 @@ CKPT_EVERY = 500  # training steps between checkpoints (also every 2 minutes)
 # -- data ------------------------------------------------------------------------------------
 
 
-def read_image(path: str):
-    """An image file as RGB, or None (with a warning) when it is truncated or not an image."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
-        print(f"warning: skipping {path}: {err}")
-        return None
-
-
-def image_tensor(dataset, max_n: int | None = None) -> torch.Tensor:
-    """All (or the first max_n) images of a torchvision dataset as one uint8 tensor (N, C, H, W);
-    images the folder reader returned as None (unreadable files) are left out."""
-    n = len(dataset) if max_n is None else min(max_n, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)),
-                                         batch_size=500,
-                                         collate_fn=lambda b: [x for x, _ in b if x is not None])
-    images = [x for batch in loader for x in batch]
-    if not images:
-        raise common.UserError("no readable images found")
-    return torch.stack(images)
-
-
 def load_data(cfg: Config, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and held-out images, uint8 (N, 3, size, size); CIFAR-10 or any ImageFolder."""
-    from torchvision import datasets, transforms
+    """Train and held-out images, uint8 (N, 3, size, size): CIFAR-10, or any ImageFolder whose
+    unreadable files are skipped with a warning."""
+    from PIL import Image
+    from torchvision import datasets, transforms as T
 
-    tf = transforms.Compose([transforms.Resize(cfg.image_size),
-                             transforms.CenterCrop(cfg.image_size), transforms.PILToTensor()])
+    tf = T.Compose([T.Resize(cfg.image_size), T.CenterCrop(cfg.image_size), T.PILToTensor()])
 
-    def folder(path: str):
+    def read(path: str):  # an image file as a tensor, or None when it is truncated or no image
         try:
-            return datasets.ImageFolder(path, loader=read_image,
-                                        transform=lambda img: img if img is None else tf(img))
-        except (FileNotFoundError, OSError) as err:
-            raise common.UserError(f"cannot read images from {path}: {err}") from None
+            with Image.open(path) as img:
+                return tf(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            print(f"warning: skipping {path}: {err}")
 
-    if not cfg.image_folder:
-        try:
-            train = image_tensor(common.torchvision_dataset("cifar10", data_dir, True, tf))
-            test = image_tensor(common.torchvision_dataset("cifar10", data_dir, False, tf),
-                                cfg.n_test)
+    def images(folder: str, train: bool = True, n: int | None = None) -> torch.Tensor:
+        try:  # all (or the first n) readable images of the folder (or CIFAR-10) as one tensor
+            ds = datasets.ImageFolder(folder, loader=read) if folder else \
+                common.torchvision_dataset("cifar10", data_dir, train, tf)
         except common.UserError:
             raise common.UserError(
                 "could not load or download CIFAR-10: put cifar-10-python.tar.gz (or its "
                 f"cifar-10-batches-py folder) in {data_dir}, or train on a folder of images "
                 "with --image-folder PATH") from None
-    elif cfg.test_folder:
-        train = image_tensor(folder(cfg.image_folder))
-        test = image_tensor(folder(cfg.test_folder), cfg.n_test)
-    else:  # hold out a fixed random part of the folder
-        images = image_tensor(folder(cfg.image_folder))
-        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234))
-        n_test = min(cfg.n_test, len(images) // 10)
-        if n_test < 1:
-            raise common.UserError(f"{cfg.image_folder} holds {len(images)} images; "
-                                   "need at least 10 (or pass --test-folder)")
-        train, test = images[perm[n_test:]], images[perm[:n_test]]
-    return train, test
+        except OSError as err:
+            raise common.UserError(f"cannot read images from {folder}: {err}") from None
+        subset = torch.utils.data.Subset(ds, range(min(n or len(ds), len(ds))))
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=500, collate_fn=lambda b: [x for x, _ in b if x is not None])
+        if not (found := [x for batch in loader for x in batch]):
+            raise common.UserError("no readable images found")
+        return torch.stack(found)
+
+    if not cfg.image_folder or cfg.test_folder:
+        return images(cfg.image_folder), images(cfg.test_folder, False, cfg.n_test)
+    every = images(cfg.image_folder)  # hold out a fixed random part of the folder
+    perm = torch.randperm(len(every), generator=torch.Generator().manual_seed(1234))
+    if (n_test := min(cfg.n_test, len(every) // 10)) < 1:
+        raise common.UserError(f"{cfg.image_folder} holds {len(every)} images; "
+                               "need at least 10 (or pass --test-folder)")
+    return every[perm[n_test:]], every[perm[:n_test]]
 
 
 def to_float(x: torch.Tensor, flip: bool = False) -> torch.Tensor:
@@ -247,6 +229,13 @@ def dsm_loss(score_fn, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * (sigma.view(-1, 1, 1, 1) * s + z).pow(2).flatten(1).mean(1)
 
 
+def anneal_dsm_loss(score_fn, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Eq. (2) over all L levels: each image at a level i ~ U{1..L}, so the batch mean is an
+    unbiased estimate of the mean over the levels of dsm_loss."""
+    sigma = sigmas[torch.randint(len(sigmas), (len(x),), device=x.device)]
+    return dsm_loss(score_fn, x, sigma).mean()
+
+
 def langevin_step(x: torch.Tensor, score: torch.Tensor, alpha: float,
                   z: torch.Tensor) -> torch.Tensor:
     """Algorithm 1, inner step:
@@ -311,89 +300,38 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return common.UNet(channels=3, base=cfg.base, mults=cfg.mults,
                        num_res_blocks=cfg.num_res_blocks, attn_levels=cfg.attn_levels,
                        dropout=cfg.dropout, time_emb=None, out_scale=divide_by_sigma)
-
-
 # -- training -----------------------------------------------------------------------------------
 
 
 def batch_loss(net, images: torch.Tensor, sigmas: torch.Tensor, bf16: bool, device) -> torch.Tensor:
-    """Eq. (2) averaged over a batch of training images (randomly flipped), each at a random
-    level of the schedule."""
-    x = to_float(images.to(device), flip=True)
-    sigma = sigmas[torch.randint(len(sigmas), (len(x),), device=device)]
-
+    """anneal_dsm_loss on a batch of training images, randomly flipped, the network under bf16
+    autocast if asked."""
     def score(y, s):
         with common.autocast(device, bf16):
             return net(y, s).float()
 
-    return dsm_loss(score, x, sigma).mean()
+    return anneal_dsm_loss(score, to_float(images.to(device), flip=True), sigmas)
 
 
-def train(cfg: Config, meta: dict, path: Path, images, sigmas, model, ema, opt, dist, device,
-          ckpt: dict | None = None, skip: bool = False) -> tuple[dict, list]:
+def train(run, model, ema, opt, sigmas: torch.Tensor, images: torch.Tensor) -> dict:
     """Denoising score matching over all levels with Adam and the EMA (Technique 5), from the
-    checkpoint's step when resuming. The lr is constant after the warm-up, so `--resume --steps N`
-    is the same run made longer. meta (preset, seed, schedule) goes into every checkpoint."""
-    start = done = ckpt["step"] if ckpt else 0
-    losses = list(ckpt["losses"]) if ckpt else []
-    if ckpt is not None:
-        common.set_rng_state(ckpt["rng_state"])
-
-    def save(at_step: int, rng: dict):
-        if dist.is_main:
-            common.save_checkpoint(path, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "step": at_step, "losses": losses[:at_step], "config": dataclasses.asdict(cfg),
-                "rng_state": rng, **meta}, STEM)
-
-    t0 = time.time()
-    if not skip and start < cfg.steps:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        ) if dist.enabled else model
-        batches = common.epoch_batches(len(images), cfg.batch_size, dist, meta["seed"], start)
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not dist.is_main,
-                   mininterval=2)
-        with common.Checkpointer(save, CKPT_EVERY, path) as checkpointer:
-            for step in range(start, cfg.steps + 1):
-                checkpointer.begin(step)
-                batch = images[next(batches)]
-                for group in opt.param_groups:  # linear warm-up, then constant
-                    group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-                loss = batch_loss(net, batch, sigmas, cfg.bf16, device)
-                checkpointer.verified(loss, step, last=step == cfg.steps)  # finite, saved if due
-                if step == cfg.steps:
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ema.update_parameters(model)
-                losses.append(loss.item())
-                done = step + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        bar.close()
-    wall = time.time() - t0
-    return {"steps": done, "steps_this_run": done - start, "wall_s": wall,
-            "steps_per_s": (done - start) / wall if done > start else None,
-            "final_loss": float(np.mean(losses[-100:])) if losses else None}, losses
+    run's step. The lr is constant after the warm-up, so `--resume --steps N` is the same run
+    made longer."""
+    cfg, net = run.cfg, run.ddp(model)
+    batches = run.batches(len(images), cfg.batch_size)
+    for step in run.steps(every=CKPT_EVERY):
+        for group in opt.param_groups:  # linear warm-up, then constant
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        loss = batch_loss(net, images[next(batches)], sigmas, cfg.bf16, run.device)  # Eq. (2)
+        run.log(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update_parameters(model)  # Technique 5
+    return run.trained
 
 
-# -- evaluation -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def heldout_dsm_per_level(score_fn, test: torch.Tensor, sigmas: torch.Tensor, levels, device,
-                          batch: int = 250) -> list:
-    """The per-dimension DSM loss on held-out images at each level in levels (fixed noise seed)."""
-    torch.manual_seed(0)
-    out = []
-    for i in levels:
-        losses = [dsm_loss(score_fn, to_float(test[j:j + batch].to(device)),
-                           sigmas[i].expand(len(test[j:j + batch])).to(device))
-                  for j in range(0, len(test), batch)]
-        out.append(torch.cat(losses).mean().item())
-    return out
+# -- evaluation (rank 0 only) -----------------------------------------------------------------
 
 
 def image_stats(x: torch.Tensor) -> dict:
@@ -405,79 +343,74 @@ def image_stats(x: torch.Tensor) -> dict:
             "laplacian": float(lap.abs().mean()), "mean": float(x.mean()), "std": float(x.std())}
 
 
-def evaluate(cfg: Config, seed: int, sched: dict, sigmas, ema, train, test,
-             device) -> tuple[dict, dict]:
-    """Annealed Langevin samples with the EMA weights, the held-out DSM loss per level, image
-    statistics and sliced Wasserstein distances; returns the metrics and the figures' images."""
+@torch.no_grad()
+def evaluate(run, ema, sched: dict, sigmas, train, test) -> tuple[dict, torch.Tensor, list]:
+    """Annealed Langevin samples with the EMA weights, the held-out DSM loss per level (fixed
+    noise), image statistics and sliced Wasserstein distances: (metrics, samples, the strip's
+    (title, images) columns)."""
+    cfg, device = run.cfg, run.device
     score = common.network_fn(ema, device, cfg.bf16)  # s(x, sigma): net(x) / sigma
-    torch.manual_seed(seed + 1000)
-    size = cfg.image_size
-    x0 = torch.rand(cfg.n_samples, 3, size, size, device=device)  # uniform noise, as in the paper
-    snap_levels = sorted({round(v) for v in np.linspace(0, len(sigmas) - 1, 9)})
-    snaps, bar = [], tqdm(total=len(sigmas), desc="annealed Langevin", mininterval=2)
+    torch.manual_seed(run.seed + 1000)
+    x0 = torch.rand(cfg.n_samples, 3, cfg.image_size, cfg.image_size, device=device)  # uniform
+    shown = sorted({round(v) for v in np.linspace(0, len(sigmas) - 1, 9)})
+    strip = [("uniform", x0[:8].cpu())]
+    bar = tqdm(total=len(sigmas), desc="annealed Langevin", mininterval=2)
 
     def record(i, t, x):  # at the end of each level: the bar, and the strip's snapshots
         if t == sched["T"] - 1:
             bar.update(1)
-            snaps.extend([x[:8].cpu()] if i in snap_levels else [])
+            strip.extend([(f"σ={sigmas[i].item():.2g}", x[:8].cpu())] if i in shown else [])
 
     t0 = time.time()
     samples = annealed_langevin(score, x0, sigmas, sched["eps"], sched["T"], record=record).cpu()
     wall = time.time() - t0
     bar.close()
-    metrics = {"annealed_langevin": {"n": len(samples), "wall_s": wall,
-                                     "samples_per_s": len(samples) / wall,
-                                     "score_evals_per_sample": sched["L"] * sched["T"] + 1}}
     levels = sorted({round(v) for v in np.linspace(0, len(sigmas) - 1, cfg.eval_levels)})
-    dsm = heldout_dsm_per_level(score, test, sigmas, levels, device)
-    metrics["heldout_dsm"] = {"sigma": [sigmas[i].item() for i in levels], "loss": dsm,
-                              "mean": float(np.mean(dsm))}
+    torch.manual_seed(0)  # the held-out DSM loss per level, one fixed noise draw
+    dsm = [torch.cat([dsm_loss(score, to_float(x.to(device)), sigmas[i].expand(len(x)).to(device))
+                      for x in test.split(250)]).mean().item() for i in levels]
     clamped, real = samples.clamp(0, 1), to_float(test[:len(samples)])
-    metrics["samples"] = {**image_stats(clamped),
-                          "outside_0_1": float(((samples < 0) | (samples > 1)).float().mean())}
-    metrics["heldout_images"] = image_stats(real)
     n = min(len(samples), len(real), len(train))
     flat = lambda x: x[:n].cpu().flatten(1).numpy()
-    # pixel-space sliced W2; the floor is train vs held-out, uniform noise for scale
-    metrics["swd_to_heldout"] = {
-        "samples": common.sliced_wasserstein(flat(clamped), flat(real)),
-        "floor_train": common.sliced_wasserstein(flat(to_float(train[:n])), flat(real)),
-        "uniform_noise": common.sliced_wasserstein(flat(x0), flat(real))}
-    images = {"samples": samples, "x0": x0.cpu(), "snaps": snaps, "snap_levels": snap_levels}
-    return metrics, images
+    metrics = {
+        "annealed_langevin": {"n": len(samples), "wall_s": wall, "samples_per_s": len(samples)
+                              / wall, "score_evals_per_sample": sched["L"] * sched["T"] + 1},
+        "heldout_dsm": {"sigma": [sigmas[i].item() for i in levels], "loss": dsm,
+                        "mean": float(np.mean(dsm))},
+        "samples": {**image_stats(clamped),
+                    "outside_0_1": float(((samples < 0) | (samples > 1)).float().mean())},
+        "heldout_images": image_stats(real),
+        # pixel-space sliced W2; the floor is train vs held-out, uniform noise for scale
+        "swd_to_heldout": {
+            "samples": common.sliced_wasserstein(flat(clamped), flat(real)),
+            "floor_train": common.sliced_wasserstein(flat(to_float(train[:n])), flat(real)),
+            "uniform_noise": common.sliced_wasserstein(flat(x0), flat(real))}}
+    return metrics, samples, strip + [("denoised", samples[:8])]
 
 
 # -- figures ----------------------------------------------------------------------------------
 
 
-def upscale(x: torch.Tensor, min_size: int = 32) -> torch.Tensor:
-    k = max(1, math.ceil(min_size / x.shape[-1]))
-    x = x.float().cpu()
-    return F.interpolate(x, scale_factor=k, mode="nearest") if k > 1 else x
-
-
-def plot_strip(snaps: list, titles: list, path: Path) -> None:
-    """One chain per row, one column per snapshot, titled by the noise level."""
+def plot_strip(strip: list, path: Path) -> None:
+    """One chain per row, one column per (title, images) snapshot, titled by the noise level."""
     from torchvision.utils import make_grid
 
-    plt = common._plt()
-    rows, cols = len(snaps[0]), len(snaps)
-    grid = make_grid(torch.stack(snaps, 1).flatten(0, 1).clamp(0, 1), nrow=cols, padding=2,
-                     pad_value=1.0)
-    fig, ax = plt.subplots(figsize=(0.85 * cols, 0.85 * rows + 0.5))
+    cols, rows = len(strip), len(strip[0][1])
+    grid = make_grid(torch.stack([x for _, x in strip], 1).flatten(0, 1).clamp(0, 1), nrow=cols,
+                     padding=2, pad_value=1.0)
+    fig, ax = common.pyplot().subplots(figsize=(0.85 * cols, 0.85 * rows + 0.5))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    step = grid.shape[-1] / cols
-    ax.set_xticks([step * (c + 0.5) for c in range(cols)], titles, fontsize=7)
+    ax.set_xticks([grid.shape[-1] / cols * (c + 0.5) for c in range(cols)],
+                  [title for title, _ in strip], fontsize=7)
     ax.xaxis.tick_top()
     ax.set_yticks([])
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def plot_techniques(sched: dict, sigmas: torch.Tensor, path: Path) -> None:
-    plt = common._plt()
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.3))
+    """The schedule (Technique 2), the overlap condition solved for gamma and Eq. (4) solved
+    for eps (Technique 4)."""
+    fig, ax = common.pyplot().subplots(1, 3, figsize=(12, 3.3))
     ax[0].semilogy(np.arange(1, len(sigmas) + 1), sigmas.numpy(), ".", ms=3)
     ax[0].set(xlabel="level i", ylabel="sigma_i", title=f"geometric sigmas, L = {len(sigmas)}")
     g = np.linspace(1, sched["gamma"] + 3 * (sched["gamma"] - 1), 200)
@@ -485,107 +418,80 @@ def plot_techniques(sched: dict, sigmas: torch.Tensor, path: Path) -> None:
     ax[1].axhline(0.5, c="0.6", lw=0.8)
     ax[1].axvline(sched["gamma"], c="C3", lw=0.8, label=f"gamma = {sched['gamma']:.4f}")
     ax[1].set(xlabel="gamma", title=f"Technique 2 (D = {sched['D']})", ylabel="shell overlap")
-    ax[1].legend(fontsize=8)
     e = np.logspace(math.log10(sched["eps"]) - 2, math.log10(0.99 * sched["sigma_L"] ** 2), 200)
-    ratio = [langevin_variance_ratio(v, sched["gamma_used"], sched["sigma_L"], sched["T"])
-             for v in e]
-    ax[2].semilogx(e, ratio)
+    ax[2].semilogx(e, [langevin_variance_ratio(v, sched["gamma_used"], sched["sigma_L"],
+                                               sched["T"]) for v in e])
     ax[2].axhline(1, c="0.6", lw=0.8)
     ax[2].axvline(sched["eps"], c="C3", lw=0.8, label=f"eps = {sched['eps']:.3g}")
     ax[2].set(xlabel="eps", ylabel="s_T^2 / sigma^2, Eq. (4)", ylim=(0.9, 1.6),
               title=f"Technique 4 (T = {sched['T']})")
-    ax[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for a in ax[1:]:
+        a.legend(fontsize=8)
+    common.save_figure(fig, path)
 
 
-def plot_dsm_curve(sigmas: list, losses: list, path: Path) -> None:
-    plt = common._plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.semilogx(sigmas, losses, "o-", ms=3, label="held-out, EMA weights")
+def figures(run, sched: dict, sigmas, dsm: dict, samples, strip: list) -> None:
+    up = lambda x: F.interpolate(x.float(), scale_factor=math.ceil(32 / x.shape[-1]))  # nearest
+    torch.save(samples, run.out / "samples.pt")
+    common.save_image_grid(up(samples.clamp(0, 1)), run.out / "samples.png", nrow=10,
+                           value_range=(0, 1))
+    plot_strip([(title, up(x)) for title, x in strip], run.out / "ald_strip.png")
+    plot_techniques(sched, sigmas.cpu(), run.out / "sigmas.png")
+    fig, ax = common.pyplot().subplots(figsize=(6, 3.5))
+    ax.semilogx(dsm["sigma"], dsm["loss"], "o-", ms=3, label="held-out, EMA weights")
     ax.axhline(0.5, c="0.6", ls="--", lw=0.8, label="s = 0 (knows nothing)")
     ax.set(xlabel="sigma", ylabel="1/2 ||sigma s + z||^2 / D", title="DSM loss per noise level")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def figures(out: Path, sched: dict, sigmas, losses: list, metrics: dict, images: dict) -> None:
-    samples, x0, snaps = images["samples"], images["x0"], images["snaps"]
-    k = min(8, len(samples))
-    torch.save(samples, out / "samples.pt")
-    common.save_image_grid(upscale(samples.clamp(0, 1)), out / "samples.png", nrow=10,
-                           value_range=(0, 1))
-    plot_strip([upscale(x0[:k])] + [upscale(s[:k]) for s in snaps] + [upscale(samples[:k])],
-               ["uniform"] + [f"σ={sigmas[i].item():.2g}" for i in images["snap_levels"]]
-               + ["denoised"], out / "ald_strip.png")
-    plot_techniques(sched, sigmas.cpu(), out / "sigmas.png")
-    plot_dsm_curve(metrics["heldout_dsm"]["sigma"], metrics["heldout_dsm"]["loss"],
-                   out / "dsm_per_level.png")
-    if losses:
-        common.plot_loss(losses, out / "loss.png", title="DSM loss (per dimension), all levels")
+    common.save_figure(fig, run.out / "dsm_per_level.png")
+    if run.losses:
+        common.plot_loss(run.losses, run.out / "loss.png",
+                         title="DSM loss (per dimension), all levels")
 
 
 # -- main -----------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM, image=True)
-    dist, device = common.ddp_setup(common.get_device(args.device))
-    log = print if dist.is_main else (lambda *a, **k: None)
-    t0, out = time.time(), Path(args.out)
-    with common.all_ranks_agree(dist, device):
-        common.prepare_out(out)
-        preset, cfg, ckpt = common.run_config(args, Config, PRESETS, STEM, FREE, device,
-                                              quiet=not dist.is_main)
-        common.seed_everything(args.seed + dist.rank)
-        train_x, test_x = load_data(cfg, args.data_dir)
-        log(f"{len(train_x)} training and {len(test_x)} held-out images of "
-            f"{tuple(train_x.shape[1:])} ({time.time() - t0:.0f} s to load)")
-        sched = techniques(train_x, cfg, device) if ckpt is None else ckpt["schedule"]
-    if sched["T"] != cfg.n_steps_each:  # a resumed run may sample with another T
+    run = common.Run(argv, __doc__, Config, PRESETS, FREE, STEM, image=True)
+    cfg, device, t0 = run.cfg, run.device, time.time()
+    train_x, test_x = load_data(cfg, run.args.data_dir)
+    run.print(f"{len(train_x)} training and {len(test_x)} held-out images of "
+              f"{tuple(train_x.shape[1:])} ({time.time() - t0:.0f} s to load)")
+    # Techniques 1, 2 and 4 from the data on a new run; a resumed run keeps its schedule and may
+    # only sample with another T
+    sched = techniques(train_x, cfg, device) if run.ckpt is None else run.ckpt["schedule"]
+    if sched["T"] != cfg.n_steps_each:
         sched = technique4(sched, cfg.n_steps_each)
+    run.extra["schedule"] = sched  # saved in every checkpoint
     sigmas = geometric_sigmas(sched["sigma_1"], sched["sigma_L"], sched["L"]).to(device)
-    log(f"Technique 1: sigma_1 = {sched['sigma_1']:.2f} (largest distance among "
-        f"{sched['sigma_1_subset']} images) | 2: gamma = {sched['gamma']:.4f} -> L = {sched['L']}"
-        f" | 4: eps = {sched['eps']:.3g} for T = {sched['T']} (Eq. 4 = {sched['eq4_ratio']:.3f})")
+    run.print(f"Technique 1: sigma_1 = {sched['sigma_1']:.2f} (largest distance among "
+              f"{sched['sigma_1_subset']} images) | 2: gamma = {sched['gamma']:.4f} -> "
+              f"L = {sched['L']} | 4: eps = {sched['eps']:.3g} for T = {sched['T']} "
+              f"(Eq. 4 = {sched['eq4_ratio']:.3f})")
 
     model = build_model(cfg).to(device)
     ema = common.make_ema(model, cfg.ema_decay)  # Technique 5
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    log(f"U-Net without time embedding: {common.count_params(model) / 1e6:.2f}M parameters")
-    if ckpt is not None:
-        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-            common.load_state(obj, ckpt[key], out / "ckpt.pt")
-    elif cfg.minutes > 0:  # a new run on a budget: its step count, measured once, is stored
-        probe = lambda net: batch_loss(net, train_x[:cfg.batch_size], sigmas, cfg.bf16, device)
-        cfg.steps = common.budget_steps(cfg.minutes, model, opt, probe, dist)
-    if dist.is_main:
-        common.write_json(out / "config.json",
-                          {**dataclasses.asdict(cfg), "preset": preset, "seed": args.seed})
-
-    meta = {"preset": preset, "seed": args.seed, "schedule": sched}
-    metrics = {"preset": preset, "schedule": sched, "params": common.count_params(model)}
-    metrics["train"], losses = train(cfg, meta, out / "ckpt.pt", train_x, sigmas, model, ema,
-                                     opt, dist, device, ckpt, skip=args.sample_only)
-    if dist.enabled:
-        metrics["ddp"] = {"world_size": dist.world_size,
-                          "param_max_abs_diff": common.ddp_param_divergence(model, dist, device)}
-    common.ddp_cleanup(dist)
-    if not dist.is_main:
+    run.print(f"U-Net without time embedding: {common.count_params(model) / 1e6:.2f}M parameters")
+    run.restore(model=model, ema=ema, optimizer=opt)
+    metrics = {"preset": run.preset, "schedule": sched, "params": common.count_params(model),
+               "world_size": run.world_size, "train": {"steps": run.step, "steps_this_run": 0}}
+    if run.trains:
+        run.budget(lambda net: batch_loss(net, train_x[:cfg.batch_size], sigmas, cfg.bf16,
+                                          device), model, opt)
+        metrics["train"] = train(run, model, ema, opt, sigmas, train_x)
+    if not run.finish():
         return {}
 
-    evaluation, images = evaluate(cfg, args.seed, sched, sigmas, ema, train_x, test_x, device)
+    evaluation, samples, strip = evaluate(run, ema, sched, sigmas, train_x, test_x)
     metrics.update(evaluation)
-    figures(out, sched, sigmas, losses, metrics, images)
+    figures(run, sched, sigmas, metrics["heldout_dsm"], samples, strip)
     metrics["wall_s_total"] = time.time() - t0
-    common.write_json(out / "metrics.json", metrics)
+    common.write_json(run.out / "metrics.json", metrics)
     s, h = metrics["samples"], metrics["heldout_images"]
-    log(f"held-out DSM (mean over levels) {metrics['heldout_dsm']['mean']:.4f} | samples: "
-        f"saturated {s['saturated']:.3f} (held-out {h['saturated']:.3f}), |Laplacian| "
-        f"{s['laplacian']:.3f} ({h['laplacian']:.3f}) | wrote {out}")
+    print(f"held-out DSM (mean over levels) {metrics['heldout_dsm']['mean']:.4f} | samples: "
+          f"saturated {s['saturated']:.3f} (held-out {h['saturated']:.3f}), |Laplacian| "
+          f"{s['laplacian']:.3f} ({h['laplacian']:.3f}) | wrote {run.out}")
     return metrics
 
 

@@ -303,6 +303,58 @@ def test_user_errors(tmp_path, folders, monkeypatch):
                 "--data-dir", str(tmp_path / "nodata")])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--n-steps-each", "0"], "--n-steps-each must be at least 1"),
+    (["--sigma1-subset", "0"], "--sigma1-subset must be at least 1"),
+    (["--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--n-test", "0"], "--n-test must be at least 1"),
+    (["--eval-levels", "0"], "--eval-levels must be at least 1"),
+    (["--image-size", "0"], "--image-size must be at least 1"),
+    (["--image-size", "2"], "--image-size 2 is too small for this U-Net .* at least 4"),
+    (["--sigma-end", "0"], "--sigma-end must be above 0"),
+    (["--lr", "0"], "--lr must be above 0"),
+    (["--ema-decay", "1"], "--ema-decay must be below 1"),
+    (["--base", "7"], "--base must be an even width"),
+    (["--base", "0"], "--base must be an even width"),
+    (["--mults", "2"], "--mults must be a tuple"),
+    (["--mults", "0,1"], "--mults must be a tuple of multipliers >= 1"),
+    (["--mults=-1,2"], "--mults must be a tuple of multipliers >= 1"),
+    (["--num-res-blocks", "0"], "--num-res-blocks must be a count >= 1"),
+    (["--attn-levels", "1"], "--attn-levels must be a tuple of levels in 0..1"),
+    (["--attn-levels", "5,"], "--attn-levels must be a tuple of levels in 0..1"),
+    (["--dropout", "2"], "--dropout must be in"),
+])
+def test_bad_flags_end_in_one_line_naming_the_flag(tmp_path, folders, flags, message):
+    from common import UserError
+
+    with pytest.raises(UserError, match=message) as err:
+        run(tmp_path / "bad", folders, *flags)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_config_values_and_image_folders(tmp_path):
+    from PIL import Image
+
+    from common import UserError
+
+    for values, message in ((dict(warmup=-1), "--warmup must be at least 0"),
+                            (dict(minutes=-1.0), "--minutes must be at least 0"),
+                            (dict(ema_decay=-0.5), "--ema-decay must be below 1 .and at least 0")):
+        with pytest.raises(UserError, match=message):
+            m.Config(**{**m.PRESETS["smoke"], **values})
+    (tmp_path / "broken" / "a").mkdir(parents=True)
+    (tmp_path / "broken" / "a" / "0.png").write_bytes(b"not a png")
+    write_folder(tmp_path / "few", 2, 0)
+    (tmp_path / "few" / "blue" / "skip.png").write_bytes(b"")
+    for folder, message in (("broken", "no readable images found"),
+                            ("few", "holds 4 images; need at least 10")):
+        cfg = m.Config(**{**m.PRESETS["smoke"], "image_folder": str(tmp_path / folder)})
+        with pytest.raises(UserError, match=message):
+            m.load_data(cfg, tmp_path)
+
+
 def test_step_size_is_the_minimum_of_eq4_for_long_chains():
     """Technique 4: Eq. (4) stays above 1 (its limit in T is 1 / (1 - eps / (2 sigma_L^2))), so the
     eps brought closest to 1 is Eq. (4)'s minimum over eps; for T = 1000 that minimum is within

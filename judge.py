@@ -188,7 +188,8 @@ def load_judge(name: str, root: Path, quiet: bool = False) -> tuple[JudgeNet, di
 def check_samples(samples) -> torch.Tensor:
     """Samples as a float tensor (N, 1, 28, 28) of finite values; else one JudgeError."""
     if not isinstance(samples, torch.Tensor):
-        raise JudgeError(f"expected a tensor of images (N, 1, 28, 28), got {type(samples).__name__}")
+        raise JudgeError("expected a tensor of images (N, 1, 28, 28), got "
+                         f"{type(samples).__name__}")
     if samples.dim() == 3:
         samples = samples[:, None]
     if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 28, 28) or len(samples) == 0:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -37,6 +35,7 @@ from scipy import integrate
 from tqdm import tqdm
 
 import common
+import judge
 
 # -- config ---------------------------------------------------------------------------------
 
@@ -94,20 +93,19 @@ class Config:
     lik_repeats: int = 8  # extra estimates of the first image: the estimator's own spread
     lik_tol: float = 1e-5  # rtol = atol of RK45 for the likelihood
     lik_eps: float = 1e-5  # the likelihood ODE starts at t = eps
-    judge: bool = True  # FID and confident share of every sampler's samples (common's judge)
+    judge: bool = True  # FID and confident share of every sampler's samples (judge.py)
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "lr", "grad_clip", "n_samples", "n_compare",
-                    "sample_batch", "n_steps", "snr", "ode_tol", "lik_tol", "sigma_min",
-                    "train_eps", "lik_eps", "ckpt_every")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise common.UserError(f"--{name.replace('_', '-')} must be > 0")
+        for name in ("steps batch_size ckpt_every n_samples n_compare sample_batch n_steps lr "
+                     "grad_clip snr ode_tol lik_tol sigma_min train_eps lik_eps").split():
+            common.check(getattr(self, name) > 0, name, "> 0")
         for name in ("train_eps", "lik_eps", "ema_decay"):
-            if not getattr(self, name) < 1:
-                raise common.UserError(f"--{name.replace('_', '-')} must be < 1")
-        if not self.beta_max > self.beta_min:
-            raise common.UserError("--beta-max must be above --beta-min")
+            common.check(getattr(self, name) < 1, name, "below 1")
+        common.check_unet(self)
+        common.check(self.embed_dim >= 2 and self.embed_dim % 2 == 0, "embed_dim", "even, >= 2")
+        common.check(self.beta_max > self.beta_min, "beta_max", f"above --beta-min {self.beta_min}")
+        common.check(self.sigma_max == 0 or self.sigma_max > self.sigma_min, "sigma_max",
+                     f"0 (the largest pairwise distance) or above --sigma-min {self.sigma_min}")
 
 
 PRESETS = {
@@ -136,7 +134,7 @@ SAMPLE_EPS = {"ve": 1e-5, "vp": 1e-3, "subvp": 1e-3}
 # -- data -----------------------------------------------------------------------------------
 
 
-def load_mnist(root: Path, train: bool) -> torch.Tensor:
+def load_mnist(root, train: bool) -> torch.Tensor:
     """All MNIST images of a split as uint8 (N, 1, 28, 28); torchvision reads or downloads them."""
     data = common.torchvision_dataset("mnist", root, train, transform=None).data
     return data[:, None].contiguous()
@@ -452,8 +450,9 @@ def bits_per_dim(logp_x: torch.Tensor, dims: int) -> torch.Tensor:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     """U-Net with Gaussian Fourier features of t; score_model divides its output by std(t)."""
-    return common.UNet(1, cfg.base, cfg.mults, cfg.num_res_blocks, cfg.attn_levels, cfg.dropout,
-                       "fourier", cfg.fourier_scale, embed_dim=cfg.embed_dim)
+    net = common.UNet(1, cfg.base, cfg.mults, cfg.num_res_blocks, cfg.attn_levels, cfg.dropout,
+                      "fourier", cfg.fourier_scale, embed_dim=cfg.embed_dim)
+    return net.to(memory_format=torch.channels_last) if cfg.channels_last else net
 
 
 # -- training -------------------------------------------------------------------------------
@@ -466,308 +465,167 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0) * decay
 
 
-def budget(cfg: Config, sde, model, opt, data, dist, device) -> int:
-    """The training steps that fit in cfg.minutes (common.budget_steps times a few steps)."""
-    x0 = to_model_space(data[:cfg.batch_size]).to(device)
-
-    def loss_fn(net):
+def train(run, model, ema, opt, sde, pixels) -> dict:
+    """The paper's training (Appendix H): Eq. 7 by Adam with linear warm-up (then cosine decay
+    when lr_decay), gradient clipping and an EMA of the weights, from the run's step to cfg.steps
+    (run.log checks each loss and checkpoints when due)."""
+    cfg, device = run.cfg, run.device
+    score_fn = score_model(run.ddp(torch.compile(model) if cfg.compile else model), sde)
+    batches = run.batches(len(pixels), cfg.batch_size)
+    for step in run.steps(every=cfg.ckpt_every):
+        x0 = to_model_space(pixels[next(batches)]).to(device)  # x(0) ~ p_0 (1 channel: also
+        # channels_last)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
         with common.autocast(device, cfg.bf16):
-            return dsm_loss(score_model(net, sde), sde, x0, cfg.train_eps)
-
-    return common.budget_steps(cfg.minutes, model, opt, loss_fn, dist)
-
-
-def train(cfg, sde, model, ema, opt, data, state, dist, device, seed, ckpt) -> dict:
-    """Adam with linear warm-up (then cosine decay when lr_decay), gradient clipping, EMA after
-    every step; the checkpointer checks every loss and saves verified steps. Returns the
-    "train" entry of metrics.json."""
-    net = torch.compile(model) if cfg.compile else model
-    if dist.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    score_fn = score_model(net, sde)
-    batches = common.epoch_batches(len(data), cfg.batch_size, dist, seed, state["step"])
-    step0, t0 = state["step"], time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step0, desc="train", disable=not dist.is_main,
-               mininterval=2)
-    with ckpt:
-        for step in range(step0, cfg.steps + 1):
-            ckpt.begin(step)
-            x0 = to_model_space(data[next(batches)]).to(device)
-            if cfg.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            with common.autocast(device, cfg.bf16):
-                loss = dsm_loss(score_fn, sde, x0, cfg.train_eps)
-            ckpt.verified(loss, step, last=step == cfg.steps)
-            if step == cfg.steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            ema.update_parameters(model)
-            state["losses"].append(loss.item())
-            state["step"] = step + 1
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(state['losses'][-20:]):.4f}")
-    bar.close()
-    wall = time.perf_counter() - t0
-    return {"steps": state["step"], "steps_this_run": state["step"] - step0, "wall_s": wall,
-            "steps_per_s": (state["step"] - step0) / max(wall, 1e-9),
-            "final_loss": float(np.mean(state["losses"][-100:]))}
+            loss = dsm_loss(score_fn, sde, x0, cfg.train_eps)  # t ~ U(eps, 1), z ~ N(0, I), Eq. 7
+        run.log(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update_parameters(model)
+    return run.trained
 
 
-def save(out: Path, cfg, run, seed: int, step: int, rng: dict) -> None:
-    common.save_checkpoint(out / "ckpt.pt", {
-        "model": run.model.state_dict(), "ema": run.ema.state_dict(),
-        "optimizer": run.opt.state_dict(), "step": step, "config": asdict(cfg),
-        "preset": run.preset, "seed": seed, "rng_state": rng, "losses": run.state["losses"][:step]},
-        STEM)
-
-
-# -- evaluation -----------------------------------------------------------------------------
+# -- evaluation (rank 0 only) ---------------------------------------------------------------
 
 SAMPLER_NAMES = {"em": "Euler-Maruyama", "rd": "reverse diffusion",
                  "pc": "PC (rev. diff. + Langevin)", "ode": "probability flow ODE (RK45)"}
 
 
-def run_sampler(name, cfg, sde, score32, score_lp, n, generator, record=None):
-    """n samples from x(T) ~ prior: the SDE samplers in batches of cfg.sample_batch (record sees
-    the first batch; a progress bar the rest), the ODE as one system (RK45 picks its steps for
-    the whole batch). Returns x and the NFE per sample."""
-    eps, device = SAMPLE_EPS[cfg.sde], generator.device
-    if name == "ode":
-        x_T = sde.prior_sampling((n, 1, 28, 28), generator, device)
-        return sample_ode(score32, sde, x_T, eps, cfg.ode_tol, cfg.ode_tol, record)
-    xs, batches = [], range(0, n, cfg.sample_batch)
-    bar = tqdm(total=len(batches) * (cfg.n_steps + 1), desc=f"sample {name}", mininterval=2)
-    for i in batches:
-        x_T = sde.prior_sampling((min(cfg.sample_batch, n - i), 1, 28, 28), generator, device)
-
-        def progress(t, x, first=i == 0):
-            bar.update(1)
-            if first and record is not None:
-                record(t, x)
-
-        x, nfe = sample_sde(score_lp, sde, x_T, cfg.n_steps, eps, "em" if name == "em" else "rd",
-                            cfg.snr if name == "pc" else None, generator, progress)
-        xs.append(x)
-    bar.close()
-    return torch.cat(xs), nfe
-
-
-def sample_all(cfg, sde, score32, score_lp, device, seed, data_dir) -> tuple[dict, list]:
-    """Every sampler on the same network: cfg.n_samples of cfg.sampler, cfg.n_compare of the
-    others, each judged. Returns {name: {x, n, nfe, wall_s, samples_per_s, judge}} and the
-    frames (t, x[:6]) of cfg.sampler's first batch, its denoised samples last."""
-    gen = torch.Generator(device).manual_seed(seed * 7919 + 1)
-    results, frames = {}, []
-    for name in ["em", "rd", "pc", "ode"]:
-        n = cfg.n_samples if name == cfg.sampler else cfg.n_compare
-        keep = name == cfg.sampler
-        record = (lambda t, x: frames.append((t, x[:6].cpu().clone()))) if keep else None
-        t0 = time.perf_counter()
-        x, nfe = run_sampler(name, cfg, sde, score32, score_lp, n, gen, record)
-        wall = time.perf_counter() - t0
-        results[name] = {"x": x.cpu(), "n": n, "nfe": nfe, "wall_s": wall,
-                         "samples_per_s": n / wall}
-        print(f"{SAMPLER_NAMES[name]}: {n} samples, NFE {nfe}, {wall:.1f} s")
-        if cfg.judge:
-            results[name]["judge"] = common.judge_samples(x.cpu().clamp(-1, 1), "mnist", data_dir,
-                                                          seed=seed)
-            print("  " + common.judge_line(results[name]["judge"]))
-    last_x = frames[-1][1]  # x(eps) before denoising: not shown
-    keep = np.linspace(0, len(frames) - 2, 12).round().astype(int)
-    frames = [frames[i] for i in sorted(set(keep))]
-    frames.append((0.0, results[cfg.sampler]["x"][:len(last_x)].clone()))
-    return results, frames
+def run_sampler(name, run, sde, ema, gen, frames: list) -> tuple[torch.Tensor, dict]:
+    """cfg.n_samples of cfg.sampler (frames gets (t, x[:6]) of its first batch), cfg.n_compare of
+    another, from x(T) ~ prior with the EMA weights: the SDE samplers in batches of
+    cfg.sample_batch (in bf16 if cfg.bf16), the ODE in fp32 as one system (RK45 picks its steps
+    for the whole batch). Returns x and its metrics entry, judged if cfg.judge."""
+    cfg, eps, device, t0 = run.cfg, SAMPLE_EPS[run.cfg.sde], gen.device, time.perf_counter()
+    score = score_model(common.network_fn(ema, device, cfg.bf16 and name != "ode"), sde)
+    n = cfg.n_samples if name == cfg.sampler else cfg.n_compare
+    rec = (lambda t, x: frames.append((t, x[:6].cpu().clone()))) if name == cfg.sampler else None
+    xs, batch = [], n if name == "ode" else cfg.sample_batch
+    for i in tqdm(range(0, n, batch), desc=f"sample {name}", mininterval=2):
+        x_T = sde.prior_sampling((min(batch, n - i), 1, 28, 28), gen, device)
+        if name == "ode":  # one batch
+            x, nfe = sample_ode(score, sde, x_T, eps, cfg.ode_tol, cfg.ode_tol, rec)
+        else:
+            x, nfe = sample_sde(score, sde, x_T, cfg.n_steps, eps, "em" if name == "em" else "rd",
+                                cfg.snr if name == "pc" else None, gen, rec if i == 0 else None)
+        xs.append(x.cpu())
+    x, wall = torch.cat(xs), time.perf_counter() - t0
+    print(f"{SAMPLER_NAMES[name]}: {n} samples, NFE {nfe}, {wall:.1f} s")
+    entry = {"n": n, "nfe": nfe, "wall_s": wall, "samples_per_s": n / wall}
+    if cfg.judge:
+        entry["judge"] = judge.judge_samples(x.clamp(-1, 1), "mnist", run.args.data_dir, run.seed)
+        print("  " + judge.judge_line(entry["judge"]))
+    return x, entry
 
 
-def likelihood(cfg, sde, score_fn, test_pixels, device, seed) -> dict:
-    """Bits/dim of the first cfg.lik_images test images through the probability flow ODE, and
-    cfg.lik_repeats more estimates of the first image: the estimator's own spread."""
-    t0 = time.perf_counter()
-    gen = torch.Generator(device).manual_seed(seed)
-    pix = test_pixels[:cfg.lik_images]
-    batch = torch.cat([pix, pix[:1].expand(cfg.lik_repeats, -1, -1, -1)]).to(device)
+def likelihood(run, sde, ema) -> dict:
+    """Bits/dim of the first cfg.lik_images test images through the probability flow ODE (EMA
+    weights, fp32), and cfg.lik_repeats more estimates of the first image: the estimator's own
+    spread."""
+    cfg, t0, gen = run.cfg, time.perf_counter(), torch.Generator(run.device).manual_seed(run.seed)
+    score_fn = score_model(common.network_fn(ema, run.device, False), sde)
+    pix = load_mnist(run.args.data_dir, train=False)[:cfg.lik_images]
+    batch = torch.cat([pix, pix[:1].expand(cfg.lik_repeats, -1, -1, -1)]).to(run.device)
     logp, _, nfe = ode_log_likelihood(score_fn, sde, dequantize(batch, gen), cfg.lik_eps,
                                       cfg.lik_tol, cfg.lik_tol, gen)
-    bpd = bits_per_dim(logp, 28 * 28).double().cpu()
-    img, rep = bpd[:len(pix)], bpd[len(pix):]
+    img, rep = bits_per_dim(logp, 28 * 28).double().cpu().split([len(pix), cfg.lik_repeats])
     lk = {"bpd_mean": float(img.mean()), "bpd_std": float(img.std()),
           "bpd_se": float(img.std() / math.sqrt(len(img))), "n_images": len(img),
           "estimator_std_one_image": float(rep.std()) if len(rep) > 1 else None,
           "repeats": len(rep), "nfe": nfe, "rtol_atol": cfg.lik_tol, "eps": cfg.lik_eps,
           "wall_s": time.perf_counter() - t0}
-    print(f"bits/dim on {lk['n_images']} test images: {lk['bpd_mean']:.3f} +- {lk['bpd_se']:.3f} "
+    print(f"bits/dim on {len(img)} test images: {lk['bpd_mean']:.3f} +- {lk['bpd_se']:.3f} "
           f"(s.e.); NFE {nfe}, {lk['wall_s']:.0f} s")
     return lk
-
-
-def evaluate(cfg, sde, ema, test_pixels, device, seed, data_dir) -> tuple[dict, dict, list]:
-    """With the EMA weights: every sampler (the SDE samplers in bf16 if cfg.bf16, the ODE and
-    the likelihood in fp32), then bits/dim. Returns metrics, the samplers' results, frames."""
-    score32 = score_model(common.network_fn(ema, device, False), sde)
-    score_lp = score_model(common.network_fn(ema, device, cfg.bf16), sde)
-    results, frames = sample_all(cfg, sde, score32, score_lp, device, seed, data_dir)
-    metrics = {"samplers": {k: {kk: v for kk, v in r.items() if kk != "x"}
-                            for k, r in results.items()}, "sampler": cfg.sampler}
-    if cfg.judge:
-        metrics["judge"] = results[cfg.sampler]["judge"]
-    if cfg.lik_images > 0:
-        metrics["likelihood"] = likelihood(cfg, sde, score32, test_pixels, device, seed)
-    return metrics, results, frames
 
 
 # -- figures --------------------------------------------------------------------------------
 
 
-def plot_samplers(results, path):
-    from torchvision.utils import make_grid
-
-    plt = common._plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(3.3 * len(results), 3.8))
-    for ax, (name, r) in zip(np.atleast_1d(axes), results.items()):
-        grid = make_grid(((r["x"][:36] + 1) / 2).clamp(0, 1), nrow=6).permute(1, 2, 0).numpy()
-        ax.imshow(grid, interpolation="nearest")
-        ms = 1000 / r["samples_per_s"]
-        ax.set_title(f"{SAMPLER_NAMES[name]}\nNFE {r['nfe']}, {ms:.0f} ms/sample", fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_trajectories(frames, path, n_cols=8):
-    plt = common._plt()
-    pick = [frames[int(i)] for i in np.linspace(0, len(frames) - 1, n_cols).round()]
-    rows = pick[0][1].shape[0]
-    fig, axes = plt.subplots(rows, n_cols, figsize=(1.1 * n_cols, 1.15 * rows + 0.3), squeeze=False)
-    for j, (t, x) in enumerate(pick):
-        lo, hi = float(x.min()), float(x.max())
-        for i in range(rows):
-            axes[i, j].imshow(x[i, 0].numpy(), cmap="gray", vmin=min(lo, -1), vmax=max(hi, 1))
-            axes[i, j].axis("off")
-        axes[0, j].set_title("denoised" if j == n_cols - 1 else f"t={t:.2f}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def plot_marginals(cfg, path):
-    plt = common._plt()
-    t = torch.linspace(0, 1, 200)
-    sdes = {"VP": VPSDE(cfg.beta_min, cfg.beta_max), "sub-VP": SubVPSDE(cfg.beta_min, cfg.beta_max)}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name, s in sdes.items():
-        a.plot(t, s.std(t), label=f"{name} std(t)")
-    a.plot(t, sdes["VP"].mean_coeff(t), "k--", lw=1, label="VP, sub-VP mean coefficient m(t)")
-    a.set(xlabel="t", title=f"p_0t = N(m(t) x(0), std(t)^2 I), beta in [{cfg.beta_min}, "
-          f"{cfg.beta_max}]")
-    a.legend(fontsize=8)
+    """std(t) of the three kernels p_0t (Eq. 29) and m(t) of VP and sub-VP, on log axes: near
+    t = 0 sub-VP's std, about beta_min t, is far below VP's sqrt(beta_min t)."""
+    t = torch.logspace(-4, 0, 200)
     ve = VESDE(cfg.sigma_min, cfg.sigma_max or 32.0)  # 32: the rule of thumb on MNIST in [-1, 1]
-    b.semilogy(t, ve.std(t), "C2", label=f"VE std(t) = sigma(t), sigma_max={ve.sigma_max:.1f}")
-    b.set(xlabel="t", title="VE: m(t) = 1, std grows geometrically")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    vp = VPSDE(cfg.beta_min, cfg.beta_max)
+    fig, ax = common.pyplot().subplots(figsize=(6.5, 4))
+    for name, s in {"VE": ve, "VP": vp, "sub-VP": SubVPSDE(cfg.beta_min, cfg.beta_max)}.items():
+        ax.loglog(t, s.std(t), label=f"{name} std(t)")
+    ax.loglog(t, vp.mean_coeff(t), "k--", lw=1, label="m(t) of VP and sub-VP (VE: m = 1)")
+    ax.set(xlabel="t", title=f"p_0t = N(m(t) x(0), std(t)^2 I); beta in [{cfg.beta_min}, "
+           f"{cfg.beta_max}], sigma in [{cfg.sigma_min}, {ve.sigma_max:.1f}]")
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path)
 
 
-def write_figures(out: Path, cfg, results, frames) -> None:
-    """samples.pt (and one file per sampler), samples.png, samplers.png, trajectories.png,
-    reverse.gif, marginals.png."""
-    final = results[cfg.sampler]["x"].clamp(-1, 1)
+def write_figures(run, samples, frames) -> None:
+    """loss.png; samples.pt (and samples_<sampler>.pt), samples.png; samplers.png; trajectories.png
+    and reverse.gif (x(T) .. x(eps) of a few samples, each frame scaled into [-1, 1], then the
+    denoised x(0)); marginals.png."""
+    cfg, out = run.cfg, run.out
+    if run.losses:
+        common.plot_loss(run.losses, out / "loss.png", title=f"Eq. 7 loss, {cfg.sde} SDE")
+    for name, x in samples.items():
+        torch.save(x.clamp(-1, 1), out / f"samples_{name}.pt")
+    final = samples[cfg.sampler].clamp(-1, 1)
     torch.save(final, out / "samples.pt")
-    for name, r in results.items():
-        torch.save(r["x"].clamp(-1, 1), out / f"samples_{name}.pt")
     common.save_image_grid(final[:100], out / "samples.png", nrow=10)
-    plot_samplers(results, out / "samplers.png")
-    plot_trajectories(frames, out / "trajectories.png")
-    titles = [f"t = {t:.3f}" if t > 0 else "denoised" for t, _ in frames]
-    common.gif_images(out / "reverse.gif", [x for _, x in frames], titles, nrow=6, fps=3)
+    k = min(10, cfg.n_samples, cfg.n_compare)  # a row per sampler, em rd pc ode, same x(T)
+    common.save_image_grid(torch.cat([x[:k] for x in samples.values()]), out / "samplers.png", k)
+    keep = np.linspace(0, len(frames) - 2, 12).round().astype(int)  # [-1]: x(eps), not shown
+    shown = [frames[i] for i in sorted(set(keep))] + [(0.0, final[:len(frames[-1][1])])]
+    scaled = torch.stack([x / max(1.0, x.abs().max().item()) for _, x in shown], 1)
+    common.save_image_grid(scaled.flatten(0, 1), out / "trajectories.png", nrow=len(shown))
+    titles = [f"t = {t:.3f}" if t > 0 else "denoised" for t, _ in shown]
+    common.gif_images(out / "reverse.gif", [x for _, x in shown], titles, nrow=6, fps=3)
     plot_marginals(cfg, out / "marginals.png")
 
 
-# -- main -----------------------------------------------------------------------------------
-
-
-def prepare(args, dist, device) -> SimpleNamespace:
-    """Preset, config, data, SDE, model, EMA, optimizer and training state (from the checkpoint
-    on --resume / --sample-only)."""
-    common.prepare_out(args.out)
-    preset, cfg, ckpt = common.run_config(args, Config, PRESETS, STEM, FREE, device,
-                                          quiet=not dist.is_main)
-    common.seed_everything(args.seed)
-    train_pixels = None if args.sample_only else load_mnist(args.data_dir, train=True)
-    test_pixels = load_mnist(args.data_dir, train=False)
-    if cfg.sde == "ve" and cfg.sigma_max == 0:
-        cfg.sigma_max = largest_pairwise_distance(to_model_space(train_pixels))
-        if dist.is_main:
-            print(f"VE sigma_max = largest pairwise distance of {min(10_000, len(train_pixels))} "
-                  f"training images (in [-1, 1] units) = {cfg.sigma_max:.2f}")
-    model = build_model(cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def main(argv=None) -> dict:
+    run = common.Run(argv, __doc__, Config, PRESETS, FREE, STEM, image=True)
+    cfg, device, wall0 = run.cfg, run.device, time.perf_counter()
+    pixels = load_mnist(run.args.data_dir, train=True) if run.trains else None
+    if cfg.sde == "ve" and cfg.sigma_max == 0:  # a new VE run: Song & Ermon 2020, Technique 1
+        cfg.sigma_max = largest_pairwise_distance(to_model_space(pixels))
+        common.check(cfg.sigma_max > cfg.sigma_min, "sigma_min", f"below {cfg.sigma_max:.2f}, "
+                     "the largest pairwise distance of the training images")
+        run.print(f"VE sigma_max = {cfg.sigma_max:.2f}, the largest distance of training images")
+    sde = make_sde(cfg)
+    with torch.random.fork_rng(devices=[]):  # the training noise does not depend on the init
+        model = build_model(cfg).to(device)
     ema = common.make_ema(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state = {"step": 0, "losses": []}
-    if ckpt is not None:
-        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-            common.load_state(obj, ckpt[key], args.out / "ckpt.pt")
-        state = {"step": ckpt["step"], "losses": list(ckpt["losses"])}
-        if args.resume:
-            common.set_rng_state(ckpt["rng_state"])
-    if not args.resume or dist.rank > 0:
-        torch.manual_seed(args.seed + 1000 * dist.rank + state["step"])  # each rank its own noise
-    return SimpleNamespace(preset=preset, cfg=cfg, ckpt=ckpt, train_pixels=train_pixels,
-                           test_pixels=test_pixels, sde=make_sde(cfg), model=model, ema=ema,
-                           opt=opt, state=state)
+    run.restore(model=model, ema=ema, optimizer=opt)
+    metrics = {"preset": run.preset, "sde": cfg.sde, "params": common.count_params(model),
+               **({"sigma_max": cfg.sigma_max} if cfg.sde == "ve" else {})}
+    run.print(f"{cfg.sde} SDE, U-Net of {metrics['params'] / 1e6:.2f}M parameters, {run.preset} "
+              f"preset, on {device}")
+    if run.trains:
+        x0 = to_model_space(pixels[:cfg.batch_size]).to(device)
 
+        def probe(net):  # a training step's loss, for the --minutes budget
+            with common.autocast(device, cfg.bf16):
+                return dsm_loss(score_model(net, sde), sde, x0, cfg.train_eps)
 
-def main(argv=None) -> dict:
-    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM, image=True)
-    dist, device = common.ddp_setup(common.get_device(args.device))
-    t_start, out = time.perf_counter(), args.out
-    with common.all_ranks_agree(dist, device):
-        run = prepare(args, dist, device)
-    cfg, sde = run.cfg, run.sde
-    if run.ckpt is None and cfg.minutes > 0:
-        cfg.steps = budget(cfg, sde, run.model, run.opt, run.train_pixels, dist, device)
-    metrics = {"preset": run.preset, "sde": cfg.sde, "params": common.count_params(run.model)}
-    if cfg.sde == "ve":
-        metrics["sigma_max"] = cfg.sigma_max
-    if dist.is_main:
-        common.write_json(out / "config.json", {**asdict(cfg), "preset": run.preset,
-                                                "world_size": dist.world_size})
-        print(f"{cfg.sde} SDE, U-Net with {metrics['params'] / 1e6:.2f}M parameters, preset "
-              f"{run.preset}, device {device}")
-
-    if not args.sample_only and run.state["step"] < cfg.steps:
-        ckpt = common.Checkpointer(lambda step, rng: dist.is_main and save(
-            out, cfg, run, args.seed, step, rng), cfg.ckpt_every, out / "ckpt.pt")
-        metrics["train"] = train(cfg, sde, run.model, run.ema, run.opt, run.train_pixels,
-                                 run.state, dist, device, args.seed, ckpt)
-        if dist.enabled:
-            metrics["ddp"] = {"world_size": dist.world_size, "param_max_abs_diff":
-                              common.ddp_param_divergence(run.model, dist, device)}
-        if dist.is_main:
-            common.plot_loss(run.state["losses"], out / "loss.png",
-                             title=f"Eq. 7 loss, {cfg.sde} SDE")
-    common.ddp_cleanup(dist)
-    if not dist.is_main:
+        run.budget(probe, model, opt)
+        metrics["train"] = train(run, model, ema, opt, sde, pixels)
+    if not run.finish():
         return {}
-
-    evaluation, results, frames = evaluate(cfg, sde, run.ema, run.test_pixels, device, args.seed,
-                                           args.data_dir)
-    metrics.update(evaluation)
-    write_figures(out, cfg, results, frames)
-    metrics["wall_s_total"] = time.perf_counter() - t_start
-    common.write_json(out / "metrics.json", metrics)
-    print(f"wrote {out}/ in {metrics['wall_s_total']:.0f} s")
+    gen, samples, frames = torch.Generator(device).manual_seed(run.seed * 7919 + 1), {}, []
+    metrics.update(samplers={}, sampler=cfg.sampler)
+    for name in ["em", "rd", "pc", "ode"]:  # all x(T) and noise from gen; frames: of cfg.sampler
+        samples[name], metrics["samplers"][name] = run_sampler(name, run, sde, ema, gen, frames)
+    if cfg.judge:
+        metrics["judge"] = metrics["samplers"][cfg.sampler]["judge"]
+    if cfg.lik_images > 0:
+        metrics["likelihood"] = likelihood(run, sde, ema)
+    write_figures(run, samples, frames)
+    metrics["wall_s_total"] = time.perf_counter() - wall0
+    common.write_json(run.out / "metrics.json", metrics)
+    print(f"wrote {run.out}/ in {metrics['wall_s_total']:.0f} s")
     return metrics
 
 

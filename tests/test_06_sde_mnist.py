@@ -205,6 +205,38 @@ def test_user_errors(tiny_mnist, tmp_path):
         run(tmp_path / "empty", tmp_path / "x")
 
 
+@pytest.mark.parametrize(
+    "flags,word",
+    [
+        (["--sde", "ve", "--sigma-max", "0.001"], "--sigma-max must be 0 .* or above --sigma-min"),
+        (["--sde", "ve", "--sigma-min", "1000"], "--sigma-min must be below"),  # > the data's
+        (["--beta-max", "0.05"], "--beta-max must be above --beta-min"),
+        (["--train-eps", "0"], "--train-eps must be > 0"),
+        (["--lik-eps", "1"], "--lik-eps must be below 1"),
+        (["--ema-decay", "1"], "--ema-decay must be below 1"),
+        (["--n-steps", "0"], "--n-steps"),
+        (["--sample-batch", "0"], "--sample-batch"),
+        (["--snr", "0"], "--snr"),
+        (["--ode-tol", "0"], "--ode-tol"),
+        (["--embed-dim", "7"], "--embed-dim must be even"),
+        (["--mults", "2"], "--mults"),
+        (["--mults", "0,1"], "--mults"),
+        (["--base", "7"], "--base"),
+        (["--base", "0"], "--base"),
+        (["--dropout", "2"], "--dropout"),
+        (["--num-res-blocks", "1,1,1"], "--num-res-blocks"),
+        (["--attn-levels", "1"], "--attn-levels"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_naming_the_flag(flags, word, tiny_mnist, tmp_path):
+    import common
+
+    with pytest.raises(common.UserError, match=word) as err:
+        run(tiny_mnist, tmp_path / "bad", *flags)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
 def test_ddpm_chain_reproduces_the_vp_marginals():
     """beta_i of the DDPM chain (Eq. 10) in the form of Eq. 45: prod_i (1 - beta_i) over steps from
     0 to t equals m(t)^2 of Eq. 29 for any N, and beta_i -> beta(t) dt for large N."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -70,15 +70,14 @@ class Config:
     n_samples: int = 2000  # particles sampled and compared with the data
     gif_frames: int = 20  # frames of annealed_langevin.gif
 
-    def __post_init__(self):
-        for name in ("sigma_L", "n_levels", "T", "eps", "width", "depth", "batch_size", "lr",
-                     "n_samples"):
-            if getattr(self, name) <= 0:
-                raise common.UserError(f"--{name.replace('_', '-')} must be > 0")
-        if not self.sigma_L < self.sigma_1:
-            raise common.UserError(f"--sigma-L {self.sigma_L} must be below --sigma-1")
-        if not self.ema_decay < 1:
-            raise common.UserError(f"--ema-decay {self.ema_decay} must be below 1")
+    def __post_init__(self):  # one line naming the flag for a value out of range
+        for name in ("n_levels", "T", "width", "depth", "steps", "batch_size", "n_samples",
+                     "gif_frames"):
+            common.check(getattr(self, name) >= 1, name, "at least 1")
+        for name in ("eps", "box", "lr"):
+            common.check(getattr(self, name) > 0, name, "above 0")
+        common.check(0 < self.sigma_L < self.sigma_1, "sigma_L", "above 0 and below --sigma-1")
+        common.check(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)")
 
 
 # A small MLP on 2-D data takes more steps at a larger batch and lr than the paper's RefineNet
@@ -229,73 +228,23 @@ class ScoreMLP(nn.Module):
         return self.head(h) / self.sigmas[idx][:, None]
 
 
-def build_model(cfg: Config, device: torch.device) -> tuple:
-    """s_theta at the L noise levels, its EMA and Adam (the paper's optimiser)."""
-    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
-    model = ScoreMLP(sigmas, cfg.width, cfg.depth).to(device)
-    ema = common.make_ema(model, cfg.ema_decay)
-    return model, ema, torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-
 # -- training ----------------------------------------------------------------------------------
 
 
-def train(model, ema, opt, cfg: Config, start: int, losses: list, device, ckpt) -> int:
-    """Adam on the loss, fresh data every step, from `start` to cfg.steps; the learning rate is
-    constant, so a run extended by --resume --steps N simply goes on. The checkpointer checks
-    every loss and saves verified steps."""
-    loss_fn = dsm_loss if cfg.loss == "dsm" else ssm_loss
-    bar = tqdm(total=cfg.steps, desc="train", initial=start, mininterval=1.0)
-    with ckpt:
-        for step in range(start, cfg.steps + 1):
-            ckpt.begin(step)
-            x = sample_data(cfg.dataset, cfg.batch_size).to(device)
-            idx = torch.randint(0, len(model.sigmas), (cfg.batch_size,), device=device)
-            loss = loss_fn(model, x, model.sigmas, idx)
-            ckpt.verified(loss, step, last=step == cfg.steps)
-            if step == cfg.steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema.update_parameters(model)
-            losses.append(loss.item())
-            bar.update(1)
-            if step % 100 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-    bar.close()
-    return step
-
-
-def restore(ckpt: dict | None, model, ema, opt, path) -> tuple[int, list]:
-    """A checkpoint's weights into model, EMA and optimizer, and its RNG state; returns its step
-    and losses (0 and [] for a new run)."""
-    if ckpt is None:
-        return 0, []
-    for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-        common.load_state(obj, ckpt[key], path)
-    common.set_rng_state(ckpt["rng_state"])
-    return ckpt["step"], ckpt["losses"].tolist()
-
-
-def checkpoint_writer(path, model, ema, opt, cfg: Config, preset: str, seed: int, losses: list):
-    """save(step, rng) for common.Checkpointer: all that --resume needs to go on bit for bit."""
-
-    def save(step: int, rng: dict) -> None:
-        common.save_checkpoint(path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "config": asdict(cfg), "preset": preset, "seed": seed,
-            "losses": torch.tensor(losses[:step]), "rng_state": rng}, STEM)
-
-    return save
-
-
-def train_report(losses: list, step: int, first: int, wall: float) -> dict:
-    final = float(np.mean(losses[-100:])) if losses else None
-    if step > first:
-        print(f"trained {step - first} steps in {wall:.1f} s, final loss {final:.4f}")
-    return {"steps": step, "steps_this_run": step - first, "wall_s": wall,
-            "steps_per_s": (step - first) / wall if step > first else None, "final_loss": final}
+def train(run, model, ema, opt) -> dict:
+    """Adam on the loss, fresh data every step, from the run's step to cfg.steps; the learning
+    rate is constant, so a run extended by --resume --steps N simply goes on."""
+    cfg, device, loss_fn = run.cfg, run.device, dsm_loss if run.cfg.loss == "dsm" else ssm_loss
+    for step in run.steps(every=1000):
+        x = sample_data(cfg.dataset, cfg.batch_size).to(device)
+        idx = torch.randint(0, len(model.sigmas), (cfg.batch_size,), device=device)  # i ~ U{1..L}
+        loss = loss_fn(model, x, model.sigmas, idx)
+        run.log(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update_parameters(model)
+    return run.trained
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -322,14 +271,16 @@ def score_errors(score_fn, sigmas: torch.Tensor, mix: Mixture, n: int, device) -
     return {"sigmas": sigmas.tolist(), "mse": mse, "relative_mse": rel}
 
 
-def sample(net, cfg: Config, sigmas: torch.Tensor, device) -> tuple[torch.Tensor, dict, list]:
-    """Annealed Langevin from uniform noise on [-box, box]^2, with a progress bar and the GIF's
-    frames (title, points) through its record callback. Returns the samples, timing, frames."""
+def evaluate(net, cfg: Config, seed: int, device) -> tuple[dict, torch.Tensor, list]:
+    """Annealed Langevin with the EMA network from uniform noise on [-box, box]^2, the samples'
+    distances to fresh data beside the real-vs-real floor; on the mixture also the recovered
+    weights and the score error at every sigma_i. Returns metrics, samples, the GIF's frames."""
+    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
     total, frames = cfg.n_levels * cfg.T, []
     keep = set(np.linspace(0, total - 1, cfg.gif_frames).round().astype(int).tolist())
     bar = tqdm(total=total, desc="annealed Langevin", mininterval=1.0)
 
-    def record(i, t, x):
+    def record(i, t, x):  # the progress bar and the GIF's frames (title, points)
         bar.update(1)
         if i * cfg.T + t in keep:
             title = f"annealed Langevin, level {i + 1}/{cfg.n_levels}: sigma = {sigmas[i]:.3g}"
@@ -338,137 +289,101 @@ def sample(net, cfg: Config, sigmas: torch.Tensor, device) -> tuple[torch.Tensor
     t0 = time.perf_counter()
     x0 = ((torch.rand(cfg.n_samples, 2) * 2 - 1) * cfg.box).to(device)
     samples = annealed_langevin(net, x0, sigmas.to(device), cfg.eps, cfg.T, record).cpu()
-    bar.close()
     wall = time.perf_counter() - t0
-    return samples, {"n": cfg.n_samples, "wall_s": wall, "samples_per_s": cfg.n_samples / wall,
-                     "steps_per_s": total / wall}, frames
-
-
-def evaluate(net, cfg: Config, step: int, seed: int, device) -> tuple[dict, torch.Tensor, list]:
-    """Samples with the EMA network and their distances to fresh data beside the real-vs-real
-    floor; on the mixture also the recovered weights and the score error at every sigma_i."""
-    sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
-    samples, report, frames = sample(net, cfg, sigmas, device)
-    common.check_finite(samples, step, "a sample", "try a smaller --eps")
+    bar.close()
+    common.check_finite(samples, None, "a sample", "try a smaller --eps")
     truth = lambda n, s: sample_data(cfg.dataset, n, torch.Generator().manual_seed(s)).numpy()
-    report.update(common.distance_report(samples.numpy(), truth, seed=seed))
-    report["swd_over_floor"] = report["swd"] / report["swd_floor"]
-    metrics = {"samplers": {"annealed Langevin": report}}
-    line = (f"sliced W2 {report['swd']:.3f} (floor {report['swd_floor']:.3f}, "
-            f"x{report['swd_over_floor']:.2f}), MMD {report['mmd']:.4f} "
-            f"(floor {report['mmd_floor']:.4f})")
+    r = {"n": cfg.n_samples, "wall_s": wall, "samples_per_s": cfg.n_samples / wall,
+         "steps_per_s": total / wall, **common.distance_report(samples.numpy(), truth, seed=seed)}
+    r["swd_over_floor"] = r["swd"] / r["swd_floor"]
+    print(f"sliced W2 {r['swd']:.3f} (floor {r['swd_floor']:.3f}, x{r['swd_over_floor']:.2f}), "
+          f"MMD {r['mmd']:.4f} (floor {r['mmd_floor']:.4f})")
+    metrics = {"samplers": {"annealed Langevin": r}}
     if cfg.dataset == "mixture":
         w, true_w = recovered_weights(samples, MIXTURE), MIXTURE.weights.numpy()
-        report.update(weights=w.tolist(), weight_error=float(np.abs(w - true_w).max()))
+        r.update(weights=w.tolist(), weight_error=float(np.abs(w - true_w).max()))
         errors = score_errors(net, sigmas, MIXTURE, 2000, device)
         metrics.update(true_weights=MIXTURE.weights.tolist(), score_error=errors,
                        max_relative_score_error=max(errors["relative_mse"]))
-        line += (f", weights {np.round(w, 3).tolist()} (true "
-                 f"{np.round(true_w.astype(float), 3).tolist()}), relative score error <= "
-                 f"{metrics['max_relative_score_error']:.3f}")
-    print(line)
+        print(f"weights {np.round(w, 3).tolist()} (true "
+              f"{np.round(true_w.astype(float), 3).tolist()}), relative score error <= "
+              f"{metrics['max_relative_score_error']:.3f}")
     return metrics, samples, frames
 
 
 # -- figures -----------------------------------------------------------------------------------
 
 
-def plot_noise_levels(data: np.ndarray, sigmas: torch.Tensor, path, lim: float) -> None:
-    show = np.unique(np.linspace(0, len(sigmas) - 1, 6).round().astype(int))[::-1]
-    rng = np.random.default_rng(0)
-    panels = {f"sigma_{i + 1} = {sigmas[i]:.3g}":
-              data + sigmas[i].item() * rng.normal(size=data.shape) for i in show}
-    common.scatter_2d(panels, None, path, lim=lim)
-
-
 @torch.no_grad()
 def plot_score_fields(score_fn, sigmas, mix: Mixture | None, path, lim: float, device) -> None:
-    plt = common._plt()
-    show = [0, len(sigmas) // 2, len(sigmas) - 1]
-    rows = 2 if mix is not None else 1
-    fig, axes = plt.subplots(rows, 3, figsize=(12, 4 * rows), squeeze=False)
+    show, rows = [0, len(sigmas) // 2, len(sigmas) - 1], 2 if mix is not None else 1
+    fig, axes = common.pyplot().subplots(rows, 3, figsize=(12, 4 * rows), squeeze=False)
     q = torch.linspace(-lim, lim, 17)
     grid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)
     for col, i in enumerate(show):
-        level = torch.full((len(grid),), i, device=device)
-        fields = {"learned": score_fn(grid.to(device), level).cpu()}
+        fields = {"learned": score_fn(grid.to(device), torch.full((len(grid),), i, device=device))}
         if mix is not None:
             fields["exact"] = mixture_score(grid, mix, sigmas[i].item())
         for row, (name, s) in enumerate(fields.items()):
-            s = sigmas[i] * s  # sigma_i s: of unit size at every level
+            s = sigmas[i] * s.cpu()  # sigma_i s: of unit size at every level
             norm = s.norm(dim=1, keepdim=True)
             s = s / norm.clamp_min(1e-8) * norm.clamp_max(1).sqrt()  # length ~ sqrt, capped at 1
             ax = axes[row, col]
-            ax.quiver(grid[:, 0], grid[:, 1], s[:, 0], s[:, 1],
-                      color="C3" if name == "exact" else "C0", scale=25)
+            ax.quiver(*grid.T, *s.T, color="C3" if name == "exact" else "C0", scale=25)
             ax.set_title(f"{name}: sigma_i x score, sigma_{i + 1} = {sigmas[i]:.3g}", fontsize=9)
             ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
-def plot_score_error(errors: dict, path) -> None:
-    plt = common._plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.semilogx(errors["sigmas"], errors["relative_mse"], "o-", ms=3)
-    ax.set(xlabel="sigma_i", ylabel="E|s_theta - s|^2 / E|s|^2",
-           title="learned vs exact score, per noise level")
-    ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def figures(net, cfg: Config, samples: torch.Tensor, metrics: dict, frames: list, losses: list,
-            seed: int, out, device) -> None:
-    lim = 8.0
+def figures(run, net, samples: torch.Tensor, metrics: dict, frames: list) -> None:
+    """samples.png, loss.png, noise_levels.png, score_field.png, score_error.png, the GIF."""
+    cfg, out, lim = run.cfg, run.out, 8.0
     sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
-    if losses:
-        common.plot_loss(losses, out / "loss.png", title=f"{cfg.loss} loss (Eq. 6), {cfg.dataset}")
-    data = sample_data(cfg.dataset, cfg.n_samples, torch.Generator().manual_seed(seed + 7)).numpy()
+    common.plot_loss(run.losses, out / "loss.png", title=f"{cfg.loss} loss (Eq. 6), {cfg.dataset}")
+    gen = torch.Generator().manual_seed(run.seed + 7)
+    data = sample_data(cfg.dataset, cfg.n_samples, gen).numpy()
     common.scatter_2d({"data": data, f"NCSN samples ({cfg.loss}), annealed Langevin":
                        samples.numpy()}, data, out / "samples.png", lim=lim)
-    plot_noise_levels(data, sigmas, out / "noise_levels.png", lim)
+    show = np.unique(np.linspace(0, len(sigmas) - 1, 6).round().astype(int))[::-1]
+    rng = np.random.default_rng(0)
+    common.scatter_2d({f"sigma_{i + 1} = {sigmas[i]:.3g}": data + sigmas[i].item() * rng.normal(
+        size=data.shape) for i in show}, None, out / "noise_levels.png", lim=lim)
     mix = MIXTURE if cfg.dataset == "mixture" else None
-    plot_score_fields(net, sigmas, mix, out / "score_field.png", lim, device)
+    plot_score_fields(net, sigmas, mix, out / "score_field.png", lim, run.device)
     if mix is not None:
-        plot_score_error(metrics["score_error"], out / "score_error.png")
-    if frames:
-        titles, points = zip(*frames)
-        common.gif_points(out / "annealed_langevin.gif", points, titles, truth=data[:1000],
-                          lim=lim)
+        fig, ax = common.pyplot().subplots(figsize=(6, 3.5))
+        ax.semilogx(metrics["score_error"]["sigmas"], metrics["score_error"]["relative_mse"],
+                    "o-", ms=3)
+        ax.set(xlabel="sigma_i", ylabel="E|s_theta - s|^2 / E|s|^2", ylim=(0, None),
+               title="learned vs exact score, per noise level")
+        common.save_figure(fig, out / "score_error.png")
+    titles, points = zip(*frames)
+    common.gif_points(out / "annealed_langevin.gif", points, titles, truth=data[:1000], lim=lim)
 
 
 # -- main ----------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM)
-    out = common.prepare_out(args.out)
-    device = common.get_device(args.device)
-    preset, cfg, ckpt = common.run_config(args, Config, PRESETS, STEM, FREE, device)
-    common.seed_everything(args.seed)
-    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
-    t0 = time.perf_counter()
+    run = common.Run(argv, __doc__, Config, PRESETS, FREE, STEM)
+    cfg, device, t0 = run.cfg, run.device, time.perf_counter()
     with common.one_thread():
-        model, ema, opt = build_model(cfg, device)
-        step, losses = restore(ckpt, model, ema, opt, out / "ckpt.pt")
-        first = step
-        if not args.sample_only and step < cfg.steps:
-            save = checkpoint_writer(out / "ckpt.pt", model, ema, opt, cfg, preset, args.seed,
-                                     losses)
-            checkpointer = common.Checkpointer(save, 1000, out / "ckpt.pt")
-            step = train(model, ema, opt, cfg, step, losses, device, checkpointer)
-        run = train_report(losses, step, first, time.perf_counter() - t0)
+        sigmas = geometric_sigmas(cfg.sigma_1, cfg.sigma_L, cfg.n_levels)
+        model = ScoreMLP(sigmas, cfg.width, cfg.depth).to(device)
+        ema = common.make_ema(model, cfg.ema_decay)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # the paper's optimiser
+        run.restore(model=model, ema=ema, optimizer=opt)
+        trained = train(run, model, ema, opt) if run.trains else {  # or the checkpoint's run
+            "steps": run.step, "steps_this_run": 0, "final_loss": np.mean(run.losses[-100:])}
+        run.finish()
         net = common.network_fn(ema, device, bf16=False)
-        metrics, samples, frames = evaluate(net, cfg, step, args.seed, device)
-        torch.save(samples, out / "samples.pt")
-        figures(net, cfg, samples, metrics, frames, losses, args.seed, out, device)
-    metrics = {"dataset": cfg.dataset, "loss": cfg.loss, "preset": preset,
-               "params": common.count_params(model), "train": run, **metrics,
+        metrics, samples, frames = evaluate(net, cfg, run.seed, device)
+        torch.save(samples, run.out / "samples.pt")
+        figures(run, net, samples, metrics, frames)
+    metrics = {"dataset": cfg.dataset, "loss": cfg.loss, "preset": run.preset,
+               "params": common.count_params(model), "train": trained, **metrics,
                "wall_s_total": time.perf_counter() - t0}
-    common.write_json(out / "metrics.json", metrics)
+    common.write_json(run.out / "metrics.json", metrics)
     return metrics
 
 

@@ -28,13 +28,12 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import common
 
@@ -66,15 +65,14 @@ class Config:
     n_eval: int = 4000  # held-out points for K, and samples drawn for the distances
     gif_stride: int = 1  # every how many reverse steps a GIF frame is drawn
 
-    def __post_init__(self):
-        small = {"T": 2, "steps": 1, "batch_size": 1, "hidden": 1, "n_eval": 2, "gif_stride": 1}
-        for name, least in small.items():
-            if getattr(self, name) < least:
-                raise common.UserError(f"--{name.replace('_', '-')} must be at least {least}")
-        if not (0 < self.beta1 < 1 and 0 <= self.ema_decay < 1):
-            raise common.UserError("--beta1 must be in (0, 1) and --ema-decay in [0, 1)")
-        if self.lr == 0 or self.roll_noise == 0:
-            raise common.UserError("--lr and --roll-noise must be above 0")
+    def __post_init__(self):  # one line naming the flag for a value out of range
+        least = {"T": 2, "steps": 1, "batch_size": 1, "hidden": 1, "n_eval": 2, "gif_stride": 1}
+        for name, n in least.items():
+            common.check(getattr(self, name) >= n, name, f"at least {n}")
+        common.check(0 < self.beta1 < 1, "beta1", "in (0, 1)")
+        common.check(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)")
+        for name in ("lr", "roll_noise"):
+            common.check(getattr(self, name) > 0, name, "above 0")
 
 
 PRESETS = {
@@ -289,42 +287,27 @@ class ReverseModel(nn.Module):
         return (1 - b).sqrt() * x + b.sqrt() * z_mu, torch.sigmoid(z_sigma + torch.logit(b))
 
 
-def build_model(cfg: Config) -> ReverseModel:
-    return ReverseModel(cfg.T, cfg.trunk, cfg.hidden, cfg.beta1, cfg.schedule == "learned", D)
-
-
 # -- training: gradient ascent on K (Sec. 2.4) ---------------------------------------------------
 
 
-def train(model, ema, opt, state: dict, cfg: Config, seed: int, checkpointer) -> list[float]:
-    """Maximise K on fresh Swiss-roll batches; returns -K per step in bits. One t per example
+def train(run, model, ema, opt) -> dict:
+    """Maximise K on fresh Swiss-roll batches, with -K in bits as the loss. One t per example
     (the reference code draws one t per minibatch). A learned schedule gets its gradient through
-    the frozen noise of q_sample (Sec. 2.4.1). The checkpointer checks every loss and saves."""
-    losses = state.setdefault("losses", [])
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train -K (bits)", mininterval=1.0)
-    with checkpointer:
-        for step in range(state["step"], cfg.steps + 1):
-            checkpointer.begin(step)
-            x0 = torch.from_numpy(swiss_roll(cfg.batch_size, seed * 1_000_003 + step,
-                                             cfg.roll_noise))
-            t = torch.randint(2, cfg.T + 1, (cfg.batch_size,))
-            for group in opt.param_groups:  # cosine decay (the reference code decays its lr, too)
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            loss = -bound_K(model, x0, t, model.beta(), torch.randn_like(x0)).mean() / math.log(2)
-            checkpointer.verified(loss, step, last=step == cfg.steps)
-            if step == cfg.steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema.update_parameters(model)
-            losses.append(loss.item())
-            state["step"] = step + 1
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    bar.close()
-    return losses
+    the frozen noise of q_sample (Sec. 2.4.1)."""
+    cfg = run.cfg
+    for step in run.steps(every=1000):
+        x0 = torch.from_numpy(swiss_roll(cfg.batch_size, run.seed * 1_000_003 + step,
+                                         cfg.roll_noise))
+        t = torch.randint(2, cfg.T + 1, (cfg.batch_size,))
+        for group in opt.param_groups:  # cosine decay (the reference code decays its lr, too)
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        loss = -bound_K(model, x0, t, model.beta(), torch.randn_like(x0)).mean() / math.log(2)
+        run.log(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update_parameters(model)
+    return run.trained
 
 
 # -- evaluation and figures ------------------------------------------------------------------
@@ -337,13 +320,11 @@ def bits(nats) -> float:
 def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int) -> tuple[dict, list]:
     """K on held-out points, the data's own log likelihood, samples and their distances to fresh
     data. Returns the metrics and the reverse chain [x^(T), ..., x^(0)] of the samples."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    x_test = held_out(cfg, seed)
+    gen, x_test = torch.Generator().manual_seed(seed + 1), held_out(cfg, seed)
     x0 = torch.from_numpy(x_test)
     K = bits(bound_K_full(model, x0, beta, gen).mean())
     L_null = bits(log_pi(x0).mean())
     L_data = bits(data_log_density(x_test[:2000], cfg.roll_noise).mean())
-
     t0, chain = time.perf_counter(), []
     x_T = torch.randn(cfg.n_eval, D, generator=gen)
     samples = p_sample_loop(model, x_T, beta, gen, record=lambda t, x: chain.append(x))
@@ -352,13 +333,9 @@ def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int) -> tuple[dict, l
     truth = lambda n, s: swiss_roll(n, s, cfg.roll_noise)
     dist = common.distance_report(samples.numpy(), truth, seed=seed)
     return {
-        "K_bits": K,
-        "K_cap_from_beta1_bits": bits(entropy_terms(beta, D)),
-        "beta": beta.tolist(),
-        "K_minus_L_null_bits": K - L_null,
-        "L_null_bits": L_null,
-        "data_log_likelihood_bits": L_data,
-        "gap_to_data_bits": L_data - K,
+        "K_bits": K, "K_cap_from_beta1_bits": bits(entropy_terms(beta, D)), "beta": beta.tolist(),
+        "K_minus_L_null_bits": K - L_null, "L_null_bits": L_null,
+        "data_log_likelihood_bits": L_data, "gap_to_data_bits": L_data - K,
         "paper_table1_bits": PAPER_TABLE1_BITS,
         "units": "bits per 2-D sample (summed over both coordinates), held-out data, data scaled "
                  "to zero mean and E|x|^2 = 2 as in the authors' code, so that "
@@ -368,8 +345,7 @@ def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int) -> tuple[dict, l
                          "public), and K is capped by the data's own log likelihood "
                          "(data_log_likelihood_bits), which is set by that thickness and by "
                          "beta_1; so the values are comparable in kind, not in size",
-        "distances": dist,
-        "swd_over_floor": dist["swd"] / dist["swd_floor"],
+        "distances": dist, "swd_over_floor": dist["swd"] / dist["swd_floor"],
         "ancestral": {"n": cfg.n_eval, "wall_s": wall, "samples_per_s": cfg.n_eval / wall},
     }, chain
 
@@ -377,12 +353,9 @@ def evaluate(model, cfg: Config, beta: torch.Tensor, seed: int) -> tuple[dict, l
 def plot_figure1(traj_q, traj_p, model, beta, truth, path):
     """The paper's Figure 1: forward q (top) and reverse p (middle) at t = 0, T/2, T, and the
     drift f_mu(x^(t), t) - x^(t) of the reverse process (bottom)."""
-    plt = common._plt()
-    T = len(beta)
-    times = [0, T // 2, T]
-    fig, axes = plt.subplots(3, 3, figsize=(10, 10))
-    lim = 2.6
-    for j, t in enumerate(times):
+    T, lim = len(beta), 2.6
+    fig, axes = common.pyplot().subplots(3, 3, figsize=(10, 10))
+    for j, t in enumerate([0, T // 2, T]):
         for i, (pts, name) in enumerate([(traj_q[t], "q"), (traj_p[T - t], "p")]):
             ax = axes[i, j]
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, c="C0" if i == 0 else "C1")
@@ -401,46 +374,39 @@ def plot_figure1(traj_q, traj_p, model, beta, truth, path):
     for ax in axes.flat:
         ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[])
         ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def plot_variance(model, beta, cfg: Config, seed: int, path):
     """Learned reverse variance f_Sigma(x^(t), t) over x^(t) ~ q against the forward beta_t and
     the posterior variance of q(x^(t-1) | x^(t), x^(0))."""
-    plt = common._plt()
     x0 = torch.from_numpy(swiss_roll(2000, seed + 7, cfg.roll_noise))
-    ts = np.arange(2, cfg.T + 1)
-    med, lo, hi, post = [], [], [], []
+    ts, spread, post = np.arange(2, cfg.T + 1), [], []
     with torch.no_grad():
         for t in ts:
             tt = torch.full((len(x0),), int(t))
             xt = q_sample(x0, tt, beta, torch.randn_like(x0))
             var = model(xt, tt, beta)[1].flatten().numpy()
-            med.append(np.median(var))
-            lo.append(np.quantile(var, 0.1))
-            hi.append(np.quantile(var, 0.9))
+            spread.append(np.quantile(var, [0.1, 0.5, 0.9]))
             post.append(q_posterior(x0[:1], xt[:1], tt[:1], beta)[1][0, 0].item())
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    lo, med, hi = np.array(spread).T
+    fig, ax = common.pyplot().subplots(figsize=(6, 3.8))
     ax.plot(np.arange(1, cfg.T + 1), beta.numpy(), "k-", label=r"forward $\beta_t$")
     ax.plot(ts, post, "k--", label=r"posterior var of q(x$^{(t-1)}$|x$^{(t)}$,x$^{(0)}$)")
     ax.plot(ts, med, "C1-", label=r"learned f$_\Sigma$(x$^{(t)}$, t), median")
     ax.fill_between(ts, lo, hi, color="C1", alpha=0.3, label="10-90% over x$^{(t)}$ ~ q")
     ax.set(xlabel="t", ylabel="variance", yscale="log", title="reverse variance vs forward beta")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
-def figures(model, beta, cfg: Config, seed: int, chain: list, losses: list, out) -> None:
+def figures(run, model, beta, chain: list) -> None:
     """samples.png, loss.png, figure1.png, variance.png and reverse_chain.gif."""
+    cfg, seed, out = run.cfg, run.seed, run.out
     x_test, samples = held_out(cfg, seed), chain[-1].numpy()
     common.scatter_2d({"data (held out)": x_test, f"samples, T = {cfg.T} reverse steps": samples},
                       x_test, out / "samples.png", lim=2.6)
-    if losses:
-        common.plot_loss(losses, out / "loss.png", title="-K (bits per sample), lower is better")
+    common.plot_loss(run.losses, out / "loss.png", title="-K (bits per sample), lower is better")
     gen, x0 = torch.Generator().manual_seed(seed + 2), torch.from_numpy(x_test)
     ab = alpha_bar(beta)
     traj_q = [x0] + [ab[t - 1].sqrt() * x0 + (1 - ab[t - 1]).sqrt()
@@ -458,78 +424,35 @@ def figures(model, beta, cfg: Config, seed: int, chain: list, losses: list, out)
 # -- main ---------------------------------------------------------------------------------------
 
 
-def prepare(args) -> tuple:
-    """Preset, config and checkpoint of this call (for --resume and --sample-only the
-    checkpoint's), then the output folder."""
-    device = common.get_device(args.device)
-    if device.type != "cpu":
-        print(f"a 2-D model this small is fastest on the CPU; running there, not on {device}")
-        new_run = not (args.resume or args.sample_only)
-        if device.type == "cuda" and args.preset is None and new_run:
-            args.preset = "gpu"
-            print("--preset not given: 'gpu' on a CUDA machine")
-    preset, cfg, ckpt = common.run_config(args, Config, PRESETS, STEM, FREE, torch.device("cpu"))
-    return common.prepare_out(args.out), preset, cfg, ckpt
-
-
-def restore(ckpt, model, ema, opt, path) -> dict:
-    """Weights, EMA, optimiser and RNG from the checkpoint (if any); the run's step and losses."""
-    if ckpt is None:
-        return {"step": 0, "losses": []}
-    for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-        common.load_state(obj, ckpt[key], path)
-    common.set_rng_state(ckpt["rng_state"])
-    return {"step": ckpt["step"], "losses": list(ckpt["losses"])}
-
-
 def main(argv=None) -> dict:
-    t_start = time.perf_counter()
-    args = common.parse_args(argv, __doc__, Config, PRESETS, STEM)
-    out, preset, cfg, ckpt = prepare(args)
-    torch.set_num_threads(1)  # tensors of a few thousand 2-D points: one thread is fastest
-    common.seed_everything(args.seed)
-    common.write_json(out / "config.json", {"preset": preset, "seed": args.seed, **asdict(cfg)})
-
-    model = build_model(cfg)
-    ema = common.make_ema(model, cfg.ema_decay)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state = restore(ckpt, model, ema, opt, out / "ckpt.pt")
-
-    def save(step: int, rng: dict):
-        common.save_checkpoint(out / "ckpt.pt", {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "losses": state["losses"][:step], "config": asdict(cfg),
-            "preset": preset, "seed": args.seed, "rng_state": rng}, STEM)
-
-    K_init, wall, step0 = None, 0.0, state["step"]
-    if not args.sample_only and state["step"] < cfg.steps:
-        if state["step"] == 0:  # zero readouts: K = L_null
-            x_test, gen = torch.from_numpy(held_out(cfg, args.seed)), torch.Generator()
-            beta0 = model.beta().detach()
-            K_init = bits(bound_K_full(model, x_test, beta0, gen.manual_seed(0)).mean())
-        t0 = time.perf_counter()
-        train(model, ema, opt, state, cfg, args.seed,
-              common.Checkpointer(save, 1000, out / "ckpt.pt"))
-        wall = time.perf_counter() - t0
-    ran, losses = state["step"] - step0, state["losses"]
-    trained = {"steps": state["step"], "steps_this_run": ran, "wall_s": wall,
-               "steps_per_s": ran / wall if wall else 0.0,
-               "final_loss": float(np.mean(losses[-100:])) if losses else None}  # -K in bits
-
-    with torch.no_grad():
-        beta = ema.module.beta()
-    metrics, chain = evaluate(ema.module, cfg, beta, args.seed)
-    torch.save(chain[-1], out / "samples.pt")
-    figures(ema.module, beta, cfg, args.seed, chain, losses, out)
-    metrics = {"preset": preset, "seed": args.seed, "train": trained, "K_bits_at_init": K_init,
+    run = common.Run(argv, __doc__, Config, PRESETS, FREE, STEM)
+    cfg, seed, t_start = run.cfg, run.seed, time.perf_counter()
+    if run.device.type != "cpu":
+        print(f"a 2-D model this small is fastest on the CPU; running there, not on {run.device}")
+    with common.one_thread():  # tensors of a few thousand 2-D points: one thread is fastest
+        model = ReverseModel(cfg.T, cfg.trunk, cfg.hidden, cfg.beta1, cfg.schedule == "learned", D)
+        ema = common.make_ema(model, cfg.ema_decay)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        run.restore(model=model, ema=ema, optimizer=opt)
+        K_init = None
+        if run.trains and run.step == 0:  # zero readouts: K = L_null
+            x_test, gen = torch.from_numpy(held_out(cfg, seed)), torch.Generator().manual_seed(0)
+            K_init = bits(bound_K_full(model, x_test, model.beta().detach(), gen).mean())
+        trained = train(run, model, ema, opt) if run.trains else {  # or the checkpoint's run
+            "steps": run.step, "steps_this_run": 0, "final_loss": np.mean(run.losses[-100:])}
+        run.finish()
+        beta = ema.module.beta().detach()
+        metrics, chain = evaluate(ema.module, cfg, beta, seed)
+        torch.save(chain[-1], run.out / "samples.pt")
+        figures(run, ema.module, beta, chain)
+    metrics = {"preset": run.preset, "seed": seed, "train": trained, "K_bits_at_init": K_init,
                **metrics, "params": common.count_params(model),
                "wall_s_total": time.perf_counter() - t_start}
-    common.write_json(out / "metrics.json", metrics)
+    common.write_json(run.out / "metrics.json", metrics)
     d = metrics["distances"]
     print(f"K = {metrics['K_bits']:.3f} bits, K - L_null = {metrics['K_minus_L_null_bits']:.3f} "
-          f"bits (paper: 2.35, 6.45); data log-likelihood "
-          f"{metrics['data_log_likelihood_bits']:.3f} bits; swd {d['swd']:.4f} "
-          f"(floor {d['swd_floor']:.4f})")
+          f"bits (paper: 2.35, 6.45); data log-likelihood {metrics['data_log_likelihood_bits']:.3f}"
+          f" bits; swd {d['swd']:.4f} (floor {d['swd_floor']:.4f})")
     return metrics
 
 

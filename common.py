@@ -444,9 +444,10 @@ class Run:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.script, self.out, self.path = script, prepare_out(args.out), args.out / "ckpt.pt"
+        self.script, self.out, self.path = script, args.out, args.out / "ckpt.pt"
         self.preset, self.cfg, self.ckpt = run_config(args, config_cls, presets, script, free,
                                                       self.device, quiet=not self.is_main)
+        prepare_out(args.out)  # after the settings were checked: a bad flag writes nothing
         self.seed, self.step, self.losses, self.extra, self.objects = args.seed, 0, [], {}, {}
         self.trained, self._wrote_config, self.signum = None, False, None
         seed_everything(self.seed + self.rank)

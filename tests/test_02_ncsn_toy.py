@@ -132,6 +132,11 @@ def test_interrupted_run_resumes_to_its_own_step_count_bit_for_bit(tmp_path, mon
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "cut"))
     for key in ("model", "ema", "optimizer", "losses", "rng_state", "step", "config", "seed"):
         assert equal_states(a[key], b[key]), key
+    # sampling goes on from the run's RNG stream: the same samples, and again with --sample-only
+    samples = [torch.load(tmp_path / d / "samples.pt") for d in ("straight", "cut")]
+    m.main(["--sample-only", "--out", str(tmp_path / "cut")])
+    assert torch.equal(*samples) and torch.equal(torch.load(tmp_path / "cut" / "samples.pt"),
+                                                 samples[0])
     # a flag that would change the run is refused in one line (sampling flags are free: above)
     for flag, value in (("--lr", "1"), ("--width", "8"), ("--n-levels", "9"), ("--seed", "4"),
                         ("--preset", "cpu")):
@@ -195,10 +200,26 @@ def test_user_errors(tmp_path):
         m.main(["--preset", "smoke", "--out", str(tmp_path), "--sample-only"])
     with pytest.raises(SystemExit):
         m.main(["--dataset", "moons", "--out", str(tmp_path)])
-    with pytest.raises(common.UserError, match="--sigma-L 20.0 must be below --sigma-1"):
+    with pytest.raises(common.UserError, match="--sigma-L must be above 0 and below --sigma-1"):
         m.main(["--preset", "smoke", "--sigma-L", "20", "--out", str(tmp_path)])
-    with pytest.raises(common.UserError, match="--T must be > 0"):
+    with pytest.raises(common.UserError, match="--T must be at least 1"):
         m.main(["--preset", "smoke", "--T", "0", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--n-levels", "0"), ("--T", "0"), ("--width", "0"), ("--depth", "0"), ("--steps", "0"),
+    ("--batch-size", "0"), ("--n-samples", "0"), ("--gif-frames", "0"), ("--eps", "0"),
+    ("--box", "0"), ("--lr", "0"), ("--sigma-L", "0"), ("--sigma-L", "10"), ("--sigma-1", "0.01"),
+    ("--ema-decay", "1")])
+def test_every_setting_out_of_range_is_one_line_naming_its_flag(tmp_path, flag, value):
+    with pytest.raises(common.UserError) as err:
+        m.main(["--preset", "smoke", "--out", str(tmp_path), flag, value])
+    shown = "--sigma-L" if flag == "--sigma-1" else flag  # sigma_L < sigma_1: named by --sigma-L
+    assert str(err.value).startswith(f"{shown} must be ") and "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())  # refused before any work
+    for bad in ("-1", "nan", "inf"):  # and negative or non-finite numbers by the flag parser
+        with pytest.raises(SystemExit):
+            m.main(["--preset", "smoke", "--out", str(tmp_path), flag, bad])
 
 
 def test_noise_levels_are_geometric_from_sigma_1_to_sigma_L():

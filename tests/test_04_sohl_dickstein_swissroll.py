@@ -19,6 +19,13 @@ T = 40
 BETA = m.beta_schedule(T, 1 / T + 1e-3)  # the authors' code's fixed schedule
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A few thousand 2-D points: one thread is faster than two, much faster on a busy CPU."""
+    with m.common.one_thread():
+        yield
+
+
 def test_beta_schedule_is_the_reference_baseline():
     # from 1/T (+ 0.001 on beta_1) to 1/2; about 1/T of the data variance survives to t = T
     assert BETA[0].item() == pytest.approx(1 / T + 1e-3, rel=1e-3)
@@ -225,7 +232,25 @@ def test_resume_and_sample_only(smoke_run, tmp_path):
     for flags in (["--steps", "0"], ["--beta1", "1"], ["--T", "1"]):
         with pytest.raises(m.common.UserError):
             m.main(["--preset", "smoke", "--out", str(tmp_path / "bad"), *flags])
-    assert not (tmp_path / "bad").exists()
+    assert not list((tmp_path / "bad").iterdir())  # refused before any file is written
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--T", "1", "at least 2"), ("--steps", "0", "at least 1"), ("--batch-size", "0", "at least 1"),
+    ("--hidden", "0", "at least 1"), ("--n-eval", "1", "at least 2"),
+    ("--gif-stride", "0", "at least 1"), ("--beta1", "0", "in (0, 1)"),
+    ("--beta1", "1", "in (0, 1)"), ("--ema-decay", "1", "in [0, 1)"), ("--lr", "0", "above 0"),
+    ("--roll-noise", "0", "above 0")])
+def test_every_setting_out_of_range_is_one_line_naming_its_flag(tmp_path, flag, value, allowed):
+    with pytest.raises(m.common.UserError) as err:
+        m.main(["--preset", "smoke", "--out", str(tmp_path), flag, value])
+    assert str(err.value) == f"{flag} must be {allowed}"
+    assert not list(tmp_path.iterdir())  # refused before any work
+    for bad in ("-1", "nan", "inf"):  # negative or non-finite numbers: refused by the flag parser
+        with pytest.raises(SystemExit):
+            m.main(["--preset", "smoke", "--out", str(tmp_path), flag, bad])
+    with pytest.raises(SystemExit):
+        m.main(["--preset", "smoke", "--out", str(tmp_path), "--trunk", "cnn"])
 
 
 def test_resume_alone_after_sigterm_is_the_same_run(tmp_path, monkeypatch):

@@ -391,7 +391,11 @@ def save_checkpoint(path: Path, state: dict, script: str) -> None:
 
 def load_checkpoint(path: Path, script: str) -> dict:
     """A checkpoint written by `script` (weights_only=True, on the CPU); else one UserError."""
-    if not Path(path).exists():
+    try:
+        found = Path(path).is_file()
+    except OSError:  # e.g. a name longer than the file system allows
+        found = False
+    if not found:
         raise UserError(f"no checkpoint at {path}; train first (without --sample-only), "
                         "or pass --out")
     try:

@@ -14,6 +14,14 @@ from conftest import equal_states, load_script
 m = load_script("03_ncsn_cifar10")
 
 
+@pytest.fixture(autouse=True)
+def quick_colour_judge(monkeypatch):
+    """The colour judge trains for minutes; here a few steps (the recipe keys its cache)."""
+    import judge
+
+    monkeypatch.setitem(judge.JUDGE_RGB, "steps", 5)
+
+
 # -- Technique 1 -------------------------------------------------------------------------------
 
 
@@ -188,6 +196,10 @@ def test_smoke_then_resume_learns_then_sample_only(tmp_path, folders):
     assert sched["L"] == m.num_noise_levels(sched["sigma_1"], 0.5, m.solve_gamma(192))
     assert torch.load(out / "samples.pt").shape == (8, 3, 8, 8)
     assert first["train"]["steps"] == 6
+    # the judge (a classifier of the two class folders, cached beside them) judged the 8 samples
+    j = first["judge"]
+    assert j["n"] == 8 and 0 <= j["confident"] <= 1 and len(j["class_shares"]) == 2
+    assert j["fid"] is None and (folders[0].parent / "judge").is_dir()
 
     # --resume continues the same run (same sigmas and eps) up to the new --steps. The 8x8 images of
     # two flat halves are easy to denoise: 80 steps take the held-out DSM loss from about 0.50
@@ -332,6 +344,17 @@ def test_bad_flags_end_in_one_line_naming_the_flag(tmp_path, folders, flags, mes
     with pytest.raises(UserError, match=message) as err:
         run(tmp_path / "bad", folders, *flags)
     assert "\n" not in str(err.value)
+
+
+def test_load_data_keeps_the_classes_and_takes_test_images_of_every_class(tmp_path, folders):
+    cfg = m.Config(**{**m.PRESETS["smoke"], "image_folder": str(folders[0]),
+                      "test_folder": str(folders[1]), "n_test": 4})
+    train, test, (train_y, test_y) = m.load_data(cfg, tmp_path)
+    assert len(train) == len(train_y) == 48 and len(test) == len(test_y) == 4
+    assert sorted(train_y.unique().tolist()) == [0, 1] and len(test_y.unique()) == 2
+    cfg = m.Config(**{**m.PRESETS["smoke"], "image_folder": str(folders[0]), "n_test": 4})
+    train, test, (train_y, test_y) = m.load_data(cfg, tmp_path)  # held out of the folder
+    assert len(train_y) == 44 and len(test_y) == 4
 
 
 def test_bad_config_values_and_image_folders(tmp_path):

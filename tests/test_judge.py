@@ -114,3 +114,59 @@ def test_bad_samples_are_one_line(tiny_mnist, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
     # a tensor without the channel axis (N, 28, 28) is read as (N, 1, 28, 28)
     assert judge.check_samples(torch.zeros(2, 28, 28)).shape == (2, 1, 28, 28)
+
+
+# -- the colour judge (CIFAR-10 style, any size) --------------------------------------------------
+
+
+def test_the_mnist_cache_key_and_network_are_the_original_ones(tiny_mnist):
+    """The MNIST judge's recipe is JUDGE itself and its cache file keeps its name (dataset, size,
+    pixel sum, JUDGE), so judges cached before the colour judge existed are still found."""
+    import hashlib
+    import json
+
+    judge.judge_samples(torch.zeros(4, 1, 28, 28), "mnist", tiny_mnist, quiet=True)
+    train_x, _ = judge.labelled_images("mnist", tiny_mnist, True)
+    key = json.dumps(["mnist", len(train_x), int(train_x.sum()), judge.JUDGE], sort_keys=True)
+    name = f"judge-mnist-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    assert (tiny_mnist / "judge" / name).is_file() and judge.recipe("mnist") is judge.JUDGE
+    assert judge.JudgeNet().body[-1].in_features == 64 * 49  # 28 -> 14 -> 7, unchanged
+
+
+def _colour_shapes(n, seed):
+    """n 16x16 colour images (in [-1, 1]) of three classes on a random dark background: 0 a red
+    square, 1 a green ring, 2 a blue horizontal bar, at random places and sizes; labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:16, :16]
+    labels = rng.integers(0, 3, n)
+    images = rng.uniform(-1, -0.4, (n, 3, 1, 1)) * np.ones((n, 3, 16, 16))
+    for img, k in zip(images, labels):
+        cy, cx, r = rng.uniform(6, 10), rng.uniform(6, 10), rng.uniform(3, 5)
+        on = [(abs(yy - cy) < r) & (abs(xx - cx) < r), abs(np.hypot(yy - cy, xx - cx) - r) < 1,
+              (abs(yy - cy) < 1.5) & (abs(xx - cx) < r + 2)][k]
+        img[k][on] = 1.0
+    return torch.from_numpy(images).float(), torch.from_numpy(labels)
+
+
+def test_colour_judge_ranks_real_blurred_blobs_and_noise(tmp_path, monkeypatch):
+    """A judge of 16x16 colour images, trained on data handed to it: real images score near the
+    floor, blurred ones worse, colour blobs (low-passed to 2x2) worse still, noise worst."""
+    monkeypatch.setitem(judge.JUDGE_RGB, "steps", 120)
+    monkeypatch.setitem(judge.JUDGE_RGB, "width", 8)
+    data = (_colour_shapes(1500, 0), _colour_shapes(400, 1))
+    judged = judge.load_judge("shapes", tmp_path, quiet=True, data=data)
+    assert judged[0].body[0].in_channels == 3 and judged[1]["size"] == 16
+    assert judged[1]["test_accuracy"] > 0.9 and len(list((tmp_path / "judge").iterdir())) == 1
+    fresh = _colour_shapes(200, 2)[0]
+    low = lambda x, k: torch.nn.functional.interpolate(
+        torch.nn.functional.adaptive_avg_pool2d(x, k), size=16, mode="bilinear")
+    gen = torch.Generator().manual_seed(0)
+    sets = dict(real=fresh, blurred=low(fresh, 8), blobs=low(fresh, 2),
+                noise=torch.rand(fresh.shape, generator=gen) * 2 - 1)
+    fid = {k: judge.judge_with(x, judged)["fid"] for k, x in sets.items()}
+    real = judge.judge_with(fresh, judged)
+    assert fid["real"] < 2 * real["real_fid"] + 1.0
+    assert fid["real"] < fid["blurred"] < fid["blobs"] and fid["real"] < fid["noise"], fid
+    assert real["confident"] > 0.5 and len(real["class_shares"]) == 3
+    with pytest.raises(judge.JudgeError, match=r"\(N, 3, 16, 16\)"):
+        judge.judge_with(torch.zeros(4, 1, 28, 28), judged)

@@ -152,7 +152,7 @@ def test_03_skips_a_truncated_jpeg_and_checks_its_flags(tmp_path, capsys):
     bad = tmp_path / "img" / "a" / "3.jpg"
     bad.write_bytes(bad.read_bytes()[:200])
     cfg = m.Config(image_folder=str(tmp_path / "img"), image_size=8, n_test=2)
-    train, test = m.load_data(cfg, tmp_path)
+    train, test, _ = m.load_data(cfg, tmp_path)
     assert len(train) + len(test) == 11 and "skipping" in capsys.readouterr().out
     flags = ["--preset", "smoke", "--device", "cpu", "--image-folder", str(tmp_path / "img")]
     with pytest.raises(common.UserError, match="image-size 1 is too small"):

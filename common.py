@@ -55,7 +55,7 @@ class Interrupted(KeyboardInterrupt):
 def cli_entry(main: Callable) -> None:
     """Run main(None) from the shell: a UserError is one line and exit code 2. Under torchrun a
     failing rank leaves at once (no barrier, no hang) and torchrun ends the others."""
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized
+    distributed = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     try:
         main(None)
@@ -67,7 +67,7 @@ def cli_entry(main: Callable) -> None:
         if isinstance(err, UserError) or getattr(err, "user_error", False):
             print(f"error: {prefix}{err}", file=sys.stderr)
             code = 2
-        elif not (dist and dist()):
+        elif not distributed():
             raise
         else:  # under torchrun: say why, then leave without waiting for the others
             import traceback
@@ -77,7 +77,7 @@ def cli_entry(main: Callable) -> None:
             else:
                 traceback.print_exc()
             code = 1
-    if dist and dist():  # skip the exit-time teardown, which would wait for the other ranks
+    if distributed():  # skip the exit-time teardown, which would wait for the other ranks
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

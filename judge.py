@@ -235,6 +235,20 @@ def check_samples(samples, shape: tuple = (1, 28, 28)) -> torch.Tensor:
     return samples.float()
 
 
+def pixel_stats(x: torch.Tensor) -> torch.Tensor:
+    """(N, 2) per image in [-1, 1]: mean intensity and share of mid-grey pixels, in [0, 1]."""
+    u = ((x.flatten(1) + 1) / 2).clamp(0, 1)
+    return torch.stack([u.mean(1), ((u > 0.25) & (u < 0.75)).double().mean(1).float()], 1)
+
+
+def pixel_outliers(x: torch.Tensor, real: torch.Tensor, q: float = 0.005) -> float:
+    """Share of images x whose pixel_stats leave the central 1 - 2q of the real images': blank,
+    saturated or noise squares, which a classifier may still call confident."""
+    lo, hi = torch.quantile(pixel_stats(real), torch.tensor([q, 1 - q]), dim=0)
+    s = pixel_stats(x)
+    return float(((s < lo) | (s > hi)).any(1).double().mean())
+
+
 def judge_samples(samples: torch.Tensor, name: str, root: Path, seed: int = 0, draws: int = 5,
                   labels: torch.Tensor | None = None, quiet: bool = False) -> dict:
     """Judge n samples (N, 1, 28, 28) in [-1, 1] against the test split of `name` (judge_with)."""
@@ -247,7 +261,9 @@ def judge_with(samples: torch.Tensor, judged: tuple, seed: int = 0, draws: int =
     """Judge n samples in [-1, 1] with judged = load_judge(...) against its test images:
     confident: share classified with probability > 0.9 (real_confident: of the test images);
     class_shares of the classes; on_target (with `labels`, the classes asked for): share
-    classified as its label with probability > 0.9; fid: Frechet distance to all test images in
+    classified as its label with probability > 0.9; pixel_outliers: share of samples whose
+    mean intensity or mid-grey share is outside the central 99 % of the test images' (real:
+    of training images, about 1 %); fid: Frechet distance to all test images in
     the judge's features, with real_fid the mean (and std) over `draws` sets of n training images
     -- FID depends on n: compare only at equal n; None when n < 2 x features."""
     net, record, data = judged
@@ -260,7 +276,9 @@ def judge_with(samples: torch.Tensor, judged: tuple, seed: int = 0, draws: int =
            "real_confident": float((real_probs.max(1).values > 0.9).double().mean()),
            "class_shares": [round(float(s), 4) for s in shares],
            "class_share_max_dev": float((shares - 1 / classes).abs().max()),
-           "fid": None, "real_fid": None, "judge_test_accuracy": record["test_accuracy"]}
+           "fid": None, "real_fid": None, "judge_test_accuracy": record["test_accuracy"],
+           "pixel_outliers": pixel_outliers(samples, data["test"]),
+           "real_pixel_outliers": pixel_outliers(data["train"][:max(n, 1000)], data["test"])}
     if labels is not None:
         hit = probs.gather(1, labels.long().view(-1, 1).cpu()).squeeze(1) > 0.9
         out["on_target"] = float(hit.double().mean())
@@ -281,7 +299,8 @@ def judge_line(j: dict) -> str:
     target = f", on target {j['on_target']:.1%}" if "on_target" in j else ""
     return (f"judge on {j['n']} samples: {fid}, confident {j['confident']:.1%} (real "
             f"{j['real_confident']:.1%}){target}, class shares within "
-            f"{j['class_share_max_dev']:.3f} of {1 / len(j['class_shares']):.2g}")
+            f"{j['class_share_max_dev']:.3f} of {1 / len(j['class_shares']):.2g}, pixel "
+            f"outliers {j['pixel_outliers']:.1%} (real {j['real_pixel_outliers']:.1%})")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -170,3 +170,19 @@ def test_colour_judge_ranks_real_blurred_blobs_and_noise(tmp_path, monkeypatch):
     assert real["confident"] > 0.5 and len(real["class_shares"]) == 3
     with pytest.raises(judge.JudgeError, match=r"\(N, 3, 16, 16\)"):
         judge.judge_with(torch.zeros(4, 1, 28, 28), judged)
+
+
+def _soft_shapes(n, seed):
+    """_shapes in [-1, 1] with anti-aliased (grey) edges, as real digits have."""
+    x = torch.from_numpy(_shapes(n, seed)[0]).float()[:, None] / 127.5 - 1
+    return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+def test_pixel_outliers_count_blank_saturated_and_noise_squares():
+    real, held_out = _soft_shapes(400, 0), _soft_shapes(200, 1)
+    assert judge.pixel_outliers(held_out, real) < 0.05
+    bad = held_out.clone()
+    bad[:20] = -1.0  # blank
+    bad[20:40] = 1.0  # saturated
+    bad[40:60] = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert 0.30 <= judge.pixel_outliers(bad, real) < 0.35

@@ -406,6 +406,7 @@ def evaluate(run, ema, sched: dict, sigmas, data: tuple) -> tuple[dict, torch.Te
     clamped, real = samples.clamp(0, 1), to_float(test[:len(samples)])
     n = min(len(samples), len(real), len(train))
     flat = lambda x: x[:n].cpu().flatten(1).numpy()
+    floor = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]]
     metrics = {
         "annealed_langevin": {"n": len(samples), "wall_s": wall, "samples_per_s": len(samples)
                               / wall, "score_evals_per_sample": sched["L"] * sched["T"] + 1},
@@ -414,10 +415,11 @@ def evaluate(run, ema, sched: dict, sigmas, data: tuple) -> tuple[dict, torch.Te
         "samples": {**image_stats(clamped),
                     "outside_0_1": float(((samples < 0) | (samples > 1)).float().mean())},
         "heldout_images": image_stats(real),
-        # pixel-space sliced W2; the floor is train vs held-out, uniform noise for scale
+        # pixel-space sliced W2; the floor is random training images (a folder is sorted by
+        # class) vs held-out, uniform noise for scale
         "swd_to_heldout": {
             "samples": common.sliced_wasserstein(flat(clamped), flat(real)),
-            "floor_train": common.sliced_wasserstein(flat(to_float(train[:n])), flat(real)),
+            "floor_train": common.sliced_wasserstein(flat(to_float(floor)), flat(real)),
             "uniform_noise": common.sliced_wasserstein(flat(x0), flat(real))},
         "judge": judge_samples(run, samples, data)}
     return metrics, samples, strip + [("denoised", samples[:8])]

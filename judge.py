@@ -238,7 +238,7 @@ def check_samples(samples, shape: tuple = (1, 28, 28)) -> torch.Tensor:
 def pixel_stats(x: torch.Tensor) -> torch.Tensor:
     """(N, 2) per image in [-1, 1]: mean intensity and share of mid-grey pixels, in [0, 1]."""
     u = ((x.flatten(1) + 1) / 2).clamp(0, 1)
-    return torch.stack([u.mean(1), ((u > 0.25) & (u < 0.75)).double().mean(1).float()], 1)
+    return torch.stack([u.mean(1), ((u > 0.25) & (u < 0.75)).float().mean(1)], 1)
 
 
 def pixel_outliers(x: torch.Tensor, real: torch.Tensor, q: float = 0.005) -> float:
@@ -263,7 +263,7 @@ def judge_with(samples: torch.Tensor, judged: tuple, seed: int = 0, draws: int =
     class_shares of the classes; on_target (with `labels`, the classes asked for): share
     classified as its label with probability > 0.9; pixel_outliers: share of samples whose
     mean intensity or mid-grey share is outside the central 99 % of the test images' (real:
-    of training images, about 1 %); fid: Frechet distance to all test images in
+    of training images, about 2 %); fid: Frechet distance to all test images in
     the judge's features, with real_fid the mean (and std) over `draws` sets of n training images
     -- FID depends on n: compare only at equal n; None when n < 2 x features."""
     net, record, data = judged
